@@ -1,0 +1,98 @@
+"""im2col by bounded output slabs: the general algorithm.
+
+Works for every stride, padding, dilation and group count. For each slab the
+input window is unfolded into ``col (G, Cg*K, P)`` (K kernel taps, P output
+positions of the slab) and one batched GEMM over the group axis computes
+``(G, Og, Cg*K) @ col``. Groups are the leading matmul axis, never a Python loop.
+
+The two gradients reuse the same unfolding:
+- weight: ``dW (G, Og, Cg*K) += dy_slab (G, Og, P) @ col.T``;
+- input (col2im): ``cols = W.T @ dy_slab``, then each tap's rows are added back
+  into the padded block through the same strided view, and the block into dx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import config
+from ._args import ConvGeometry
+from ._slabs import Slab, gather_block, input_window, plan_slabs, scatter_block_add, tap_windows
+
+NAME = "im2col"
+
+
+def _block_elems(geom: ConvGeometry, nb: int, dz: int) -> int:
+    _, lengths = input_window(geom, dz, 0)
+    return nb * geom.C * lengths[0] * lengths[1] * lengths[2]
+
+
+def _cost(geom: ConvGeometry, itemsize: int):
+    Ho, Wo = geom.spatial_out[1:]
+
+    def cost(nb: int, dz: int) -> int:
+        P = nb * dz * Ho * Wo
+        return itemsize * (_block_elems(geom, nb, dz) + geom.C * geom.taps * P + 2 * geom.O * P)
+
+    return cost
+
+
+def _slabs(geom: ConvGeometry, itemsize: int):
+    return plan_slabs(geom, _cost(geom, itemsize), config.workspace_bytes)
+
+
+def _unfold(x: np.ndarray, geom: ConvGeometry, slab: Slab) -> np.ndarray:
+    """The slab's im2col matrix ``(G, Cg*K, P)``."""
+    starts, lengths = input_window(geom, slab.dz, slab.d0)
+    block = gather_block(x, slab.n0, slab.n1, starts, lengths)
+    windows = tap_windows(block, geom, slab.dz)
+    col = np.empty(windows.shape, dtype=x.dtype)
+    np.copyto(col, windows)
+    return col.reshape(geom.G, geom.Cg * geom.taps, -1)
+
+
+def _dy_slab(dy: np.ndarray, geom: ConvGeometry, slab: Slab) -> np.ndarray:
+    """``dy`` of the slab as ``(G, Og, P)`` with P ordered (n, z, h, w)."""
+    part = dy[slab.n0 : slab.n1, :, slab.d0 : slab.d1]
+    return np.ascontiguousarray(part.transpose(1, 0, 2, 3, 4)).reshape(geom.G, geom.Og, -1)
+
+
+def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``y = conv3d(x, w)`` for grouped weight ``w (G, Og, Cg, kd, kh, kw)``."""
+    out = np.empty(geom.out_shape, dtype=x.dtype)
+    w2 = w.reshape(geom.G, geom.Og, -1)
+    _, Ho, Wo = geom.spatial_out
+    for slab in _slabs(geom, x.itemsize):
+        res = np.matmul(w2, _unfold(x, geom, slab))
+        res = res.reshape(geom.O, slab.nb, slab.dz, Ho, Wo).transpose(1, 0, 2, 3, 4)
+        out[slab.n0 : slab.n1, :, slab.d0 : slab.d1] = res
+    return out
+
+
+def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``dL/dw`` in grouped form, accumulated slab by slab."""
+    dw = np.zeros((geom.G, geom.Og, geom.Cg * geom.taps), dtype=x.dtype)
+    for slab in _slabs(geom, x.itemsize):
+        col = _unfold(x, geom, slab)
+        dw += np.matmul(_dy_slab(dy, geom, slab), col.transpose(0, 2, 1))
+    return dw.reshape(geom.w_shape)
+
+
+def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``dL/dx`` (the transposed convolution) by GEMM and col2im."""
+    dx = np.zeros(geom.in_shape, dtype=dy.dtype)
+    wT = w.reshape(geom.G, geom.Og, -1).transpose(0, 2, 1)
+    kd, kh, kw = geom.kernel
+    for slab in _slabs(geom, dy.itemsize):
+        cols = np.matmul(wT, _dy_slab(dy, geom, slab))
+        starts, lengths = input_window(geom, slab.dz, slab.d0)
+        block = np.zeros((slab.nb, geom.C, *lengths), dtype=dy.dtype)
+        windows = tap_windows(block, geom, slab.dz)
+        cols = cols.reshape(windows.shape)
+        # One tap at a time: within a tap the windows never overlap, so += is exact.
+        for a in range(kd):
+            for b in range(kh):
+                for e in range(kw):
+                    windows[:, :, a, b, e] += cols[:, :, a, b, e]
+        scatter_block_add(dx, block, slab.n0, slab.n1, starts)
+    return dx

@@ -1,0 +1,410 @@
+"""Neural-network functions: the 3D convolutions, activations and losses.
+
+``conv3d`` and ``conv_transpose3d`` normalise and check their arguments, resolve
+dtypes, and hand one validated geometry to :mod:`volconv.engine`; their gradients
+are the engine's two backward functions. Nothing here loops over data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import engine
+from ..autodiff import record
+from ..engine._args import (
+    conv_geometry,
+    conv_mode as _check_conv_mode,
+    positive_int,
+    symmetric_pads,
+    transpose_out_size,
+    triple,
+)
+from ..engine._memory import check_allocation
+from ..tensor import Tensor
+
+__all__ = [
+    "conv3d",
+    "conv_transpose3d",
+    "cross_entropy",
+    "linear",
+    "log_softmax",
+    "relu",
+    "softmax",
+]
+
+
+# ---- dtype and operand helpers --------------------------------------------------------------
+def _as_tensor(value, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (np.ndarray, list, tuple, np.generic)):
+        return Tensor._wrap(np.asarray(value))
+    raise TypeError(f"{name} must be a Tensor or numpy array, got {type(value).__name__}")
+
+
+def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """The floating dtype an operand takes part in the arithmetic as."""
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        return dtype
+    if dtype.kind in "iu":
+        return np.dtype(np.float32)
+    raise TypeError(
+        f"{name} has dtype {dtype}, which 3D convolution does not support "
+        "(use a floating dtype; integer inputs need a floating operand)"
+    )
+
+
+def resolve_dtypes(*operands: tuple[str, np.dtype | None]) -> tuple[np.dtype, np.dtype]:
+    """(output dtype, compute dtype) for convolution operands.
+
+    float64 only when every operand is float64; float16/bfloat16 compute in float32
+    and round once at the end; integers promote to float32, but not all-integer.
+    """
+    present = [(n, d) for n, d in operands if d is not None]
+    if all(d.kind in "iub" for _, d in present):
+        names = " and ".join(f"{n} ({d})" for n, d in present)
+        raise TypeError(f"conv3d needs a floating operand; got {names}")
+    floats = [_float_dtype(d, n) for n, d in present]
+    if all(d == floats[0] for d in floats):
+        out = floats[0]
+    else:
+        out = np.result_type(*[np.float32 if d.name == "bfloat16" else d for d in floats])
+    compute = np.dtype(np.float64) if out == np.float64 else np.dtype(np.float32)
+    return np.dtype(out), compute
+
+
+def _compute_array(t: Tensor, dtype: np.dtype) -> np.ndarray:
+    return np.ascontiguousarray(t._data, dtype=dtype)
+
+
+def _grouped_weight(w: Tensor, groups: int, name: str, in_ch_axis_name: str) -> tuple[int, ...]:
+    """Check a MegEngine weight shape and return its grouped 6-D form."""
+    if groups == 1:
+        if w.ndim == 6 and w.shape[0] == 1:
+            return w.shape
+        if w.ndim != 5:
+            raise ValueError(
+                f"{name} must be 5-D (out, in, kd, kh, kw) when groups=1, got shape {w.shape}"
+            )
+        return (1, *w.shape)
+    if w.ndim != 6:
+        raise ValueError(
+            f"{name} must be 6-D (groups, {in_ch_axis_name}, kd, kh, kw) when groups={groups}, "
+            f"got shape {w.shape}"
+        )
+    if w.shape[0] != groups:
+        raise ValueError(f"groups={groups} but {name} has {w.shape[0]} groups (shape {w.shape})")
+    return w.shape
+
+
+def _check_input(x: Tensor, name: str) -> None:
+    if x.ndim != 5:
+        raise ValueError(f"{name} must be 5-D (N, C, D, H, W), got {x.ndim}-D shape {x.shape}")
+
+
+def _bias_shape(b: Tensor, channels: int) -> tuple[int, ...]:
+    """The ``(1, O, 1, 1, 1)``-style shape a per-channel bias broadcasts as, or a clear error.
+
+    Accepted: a scalar or any size-1 array, ``(O,)``, ``(O, 1, 1, 1)`` and ``(1, O, 1, 1, 1)``.
+    MegEngine adds any broadcastable bias, which silently adds a length-W vector along W.
+    """
+    shape = tuple(b.shape)
+    if int(np.prod(shape)) == 1 and len(shape) <= 5:
+        return (1, 1, 1, 1, 1)
+    if shape in ((channels,), (channels, 1, 1, 1), (1, channels, 1, 1, 1)):
+        return (1, channels, 1, 1, 1)
+    raise ValueError(
+        f"bias must hold one value per output channel ({channels}): shape "
+        f"(1, {channels}, 1, 1, 1), ({channels},) or a scalar, got shape {shape}"
+    )
+
+
+def _finish(y: np.ndarray, b: Tensor | None, out_dtype: np.dtype, channels: int):
+    """Add the bias in the compute dtype and round once to the output dtype."""
+    if b is not None:
+        y += np.asarray(b._data, dtype=y.dtype).reshape(_bias_shape(b, channels))
+    return y.astype(out_dtype, copy=False)
+
+
+def _bias_grad(g: np.ndarray, b: Tensor) -> np.ndarray:
+    return g.sum(axis=(0, 2, 3, 4), dtype=g.dtype).reshape(b.shape).astype(b.dtype)
+
+
+# ---- convolutions ---------------------------------------------------------------------------
+def conv3d(
+    inp,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    conv_mode: str = "cross_correlation",
+) -> Tensor:
+    """3D convolution (cross-correlation) over an ``(N, C, D, H, W)`` input.
+
+    Parameters
+    ----------
+    inp : Tensor or ndarray
+        Input of shape ``(N, C, D, H, W)``.
+    weight : Tensor or ndarray
+        ``(O, C, kd, kh, kw)``; with ``groups > 1``, ``(G, O/G, C/G, kd, kh, kw)``.
+    bias : Tensor or ndarray, optional
+        One value per output channel, usually ``(1, O, 1, 1, 1)``.
+    stride, padding, dilation : int or tuple of 3 ints
+        Stride (>= 1), symmetric zero padding (>= 0) and dilation (>= 1) per axis.
+    groups : int
+        Number of channel groups.
+    conv_mode : str
+        Only ``"cross_correlation"``.
+
+    Returns
+    -------
+    Tensor
+        ``(N, O, Do, Ho, Wo)`` with ``Do = (D + 2p - d*(k-1) - 1) // s + 1``.
+
+    Examples
+    --------
+    >>> import numpy as np, volconv as mge
+    >>> import volconv.functional as F
+    >>> x = mge.tensor(np.ones((2, 2, 4, 4, 4), dtype=np.float32))
+    >>> w = mge.tensor(np.ones((3, 2, 2, 2, 2), dtype=np.float32))
+    >>> y = F.conv3d(x, w, stride=2)
+    >>> y.shape, float(y.numpy()[0, 0, 0, 0, 0])
+    ((2, 3, 2, 2, 2), 16.0)
+    """
+    x = _as_tensor(inp, "inp")
+    w = _as_tensor(weight, "weight")
+    b = None if bias is None else _as_tensor(bias, "bias")
+    stride = triple(stride, "stride", 1)
+    padding = triple(padding, "padding", 0)
+    dilation = triple(dilation, "dilation", 1)
+    groups = positive_int(groups, "groups")
+    _check_conv_mode(conv_mode)
+    _check_input(x, "inp")
+    w6 = _grouped_weight(w, groups, "weight", "out_channels/groups, in_channels/groups")
+    out_dtype, cdt = resolve_dtypes(
+        ("inp", x.dtype), ("weight", w.dtype), ("bias", None if b is None else b.dtype)
+    )
+    geom = conv_geometry(x.shape, w6, stride, symmetric_pads(padding), dilation, groups)
+    if b is not None:
+        _bias_shape(b, geom.O)
+    check_allocation(geom.out_shape, cdt, "conv3d output")
+    xc = _compute_array(x, cdt)
+    wc = _compute_array(w, cdt).reshape(w6)
+    y = Tensor._wrap(_finish(engine.conv3d_forward(xc, wc, geom), b, out_dtype, geom.O))
+
+    def backward(g):
+        gc = np.ascontiguousarray(g, dtype=cdt)
+        dx = engine.conv3d_backward_input(gc, wc, geom).astype(x.dtype, copy=False)
+        dw = engine.conv3d_backward_weight(xc, gc, geom).reshape(w.shape).astype(w.dtype)
+        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
+
+    record(y, (x, w) if b is None else (x, w, b), backward)
+    return y
+
+
+def conv_transpose3d(
+    inp,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> Tensor:
+    """Transposed 3D convolution: the gradient of :func:`conv3d` with respect to its input.
+
+    Parameters
+    ----------
+    inp : Tensor or ndarray
+        ``(N, Cin, D, H, W)``.
+    weight : Tensor or ndarray
+        ``(Cin, Cout, kd, kh, kw)``; with ``groups > 1``, ``(G, Cin/G, Cout/G, kd, kh, kw)``.
+    bias : Tensor or ndarray, optional
+        One value per output channel, usually ``(1, Cout, 1, 1, 1)``.
+    stride, padding, dilation : int or tuple of 3 ints
+    output_padding : int or tuple of 3 ints
+        Extra size on the high side of each axis, ``0 <= output_padding < stride``.
+    groups : int
+
+    Returns
+    -------
+    Tensor
+        ``(N, Cout, Do, Ho, Wo)`` with ``Do = (D-1)*s - 2p + d*(k-1) + 1 + output_padding``.
+
+    Examples
+    --------
+    >>> import numpy as np, volconv as mge
+    >>> import volconv.functional as F
+    >>> x = mge.tensor(np.ones((1, 2, 3, 3, 3), dtype=np.float32))
+    >>> w = mge.tensor(np.ones((2, 4, 2, 2, 2), dtype=np.float32))
+    >>> F.conv_transpose3d(x, w, stride=2, output_padding=1).shape
+    (1, 4, 7, 7, 7)
+    """
+    x = _as_tensor(inp, "inp")
+    w = _as_tensor(weight, "weight")
+    b = None if bias is None else _as_tensor(bias, "bias")
+    stride = triple(stride, "stride", 1)
+    padding = triple(padding, "padding", 0)
+    dilation = triple(dilation, "dilation", 1)
+    output_padding = triple(output_padding, "output_padding", 0)
+    groups = positive_int(groups, "groups")
+    _check_input(x, "inp")
+    # In forward-convolution terms the transposed weight (G, Cin/G, Cout/G, k) is already
+    # the grouped weight (G, Og, Cg, k) of the conv3d whose input gradient we compute.
+    w6 = _grouped_weight(w, groups, "weight", "in_channels/groups, out_channels/groups")
+    for axis in range(3):
+        if output_padding[axis] >= stride[axis]:
+            raise ValueError(
+                f"output_padding must be smaller than stride on every axis, got "
+                f"output_padding={output_padding} with stride={stride}"
+            )
+    out_dtype, cdt = resolve_dtypes(
+        ("inp", x.dtype), ("weight", w.dtype), ("bias", None if b is None else b.dtype)
+    )
+    G, cin_g, cout_g = w6[:3]
+    if G * cin_g != x.shape[1]:
+        raise ValueError(
+            f"channel mismatch: inp has {x.shape[1]} channels but the weight expects "
+            f"{G * cin_g} (groups={G} x {cin_g} per group)"
+        )
+    out_spatial = []
+    for axis in range(3):
+        size = transpose_out_size(
+            x.shape[2 + axis], w6[3 + axis], stride[axis], padding[axis], padding[axis],
+            dilation[axis], output_padding[axis],
+        )  # fmt: skip
+        if size < 1:
+            raise ValueError(
+                f"conv_transpose3d output would be empty on spatial axis {axis}: input "
+                f"{x.shape[2 + axis]}, stride {stride[axis]}, padding {padding[axis]}, "
+                f"kernel {w6[3 + axis]}, dilation {dilation[axis]} give size {size}"
+            )
+        out_spatial.append(size)
+    out_shape = (x.shape[0], G * cout_g, *out_spatial)
+    geom = conv_geometry(out_shape, w6, stride, symmetric_pads(padding), dilation, groups)
+    assert geom.spatial_out == x.shape[2:], (geom.spatial_out, x.shape)
+    if b is not None:
+        _bias_shape(b, geom.C)
+    check_allocation(out_shape, cdt, "conv_transpose3d output")
+    xc = _compute_array(x, cdt)
+    wc = _compute_array(w, cdt).reshape(w6)
+    y = engine.conv3d_backward_input(xc, wc, geom)
+    y = Tensor._wrap(_finish(y, b, out_dtype, geom.C))
+
+    def backward(g):
+        gc = np.ascontiguousarray(g, dtype=cdt)
+        dx = engine.conv3d_forward(gc, wc, geom).astype(x.dtype, copy=False)
+        dw = engine.conv3d_backward_weight(gc, xc, geom).reshape(w.shape).astype(w.dtype)
+        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
+
+    record(y, (x, w) if b is None else (x, w, b), backward)
+    return y
+
+
+# ---- activations, linear layers, losses ----------------------------------------------------
+def relu(x) -> Tensor:
+    """Rectified linear unit, ``max(x, 0)``.
+
+    >>> import volconv as mge, volconv.functional as F
+    >>> F.relu(mge.tensor([-1.0, 2.0])).numpy()
+    array([0., 2.], dtype=float32)
+    """
+    x = _as_tensor(x, "x")
+    data = x._data
+    out = Tensor._wrap(np.maximum(data, 0).astype(data.dtype, copy=False))
+    record(out, (x,), lambda g: (g * (data > 0),))
+    return out
+
+
+def linear(inp, weight, bias=None) -> Tensor:
+    """``inp @ weight.T + bias`` (MegEngine's ``F.nn.linear``).
+
+    >>> import numpy as np, volconv as mge, volconv.functional as F
+    >>> F.linear(mge.tensor(np.ones((2, 3))), mge.tensor(np.ones((4, 3)))).shape
+    (2, 4)
+    """
+    from .math import matmul
+
+    out = matmul(_as_tensor(inp, "inp"), _as_tensor(weight, "weight").transpose(1, 0))
+    return out if bias is None else out + _as_tensor(bias, "bias")
+
+
+def log_softmax(inp, axis: int = 1) -> Tensor:
+    """``log(softmax(inp))`` computed stably.
+
+    >>> import volconv as mge, volconv.functional as F
+    >>> F.log_softmax(mge.tensor([[0.0, 0.0]])).numpy().round(4)
+    array([[-0.6931, -0.6931]], dtype=float32)
+    """
+    x = _as_tensor(inp, "inp")
+    shifted = x._data - x._data.max(axis=axis, keepdims=True)
+    out_data = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    out = Tensor._wrap(out_data)
+    soft = np.exp(out_data)
+    record(out, (x,), lambda g: (g - soft * g.sum(axis=axis, keepdims=True),))
+    return out
+
+
+def softmax(inp, axis: int = 1) -> Tensor:
+    """Softmax along ``axis``.
+
+    >>> import volconv as mge, volconv.functional as F
+    >>> F.softmax(mge.tensor([[0.0, 0.0]])).numpy()
+    array([[0.5, 0.5]], dtype=float32)
+    """
+    from .math import exp
+
+    return exp(log_softmax(inp, axis))
+
+
+def cross_entropy(
+    pred,
+    label,
+    axis: int = 1,
+    with_logits: bool = True,
+    label_smooth: float = 0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross entropy between ``pred`` (logits, or probabilities) and integer labels.
+
+    Parameters
+    ----------
+    pred : Tensor
+        ``(N, K)`` scores along ``axis``.
+    label : Tensor or ndarray
+        ``(N,)`` integer class indices.
+    axis : int
+    with_logits : bool
+        ``pred`` holds logits (True) or probabilities (False).
+    label_smooth : float
+    reduction : {"mean", "sum", "none"}
+
+    Examples
+    --------
+    >>> import numpy as np, volconv as mge, volconv.functional as F
+    >>> loss = F.nn.cross_entropy(mge.tensor([[0.0, 0.0]]), mge.tensor([1]))
+    >>> round(float(loss.numpy()), 4)
+    0.6931
+    """
+    from .math import log
+
+    p = _as_tensor(pred, "pred")
+    labels = np.asarray(label._data if isinstance(label, Tensor) else label).astype(np.int64)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    num_classes = p.shape[axis]
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]"
+        )
+    logp = log_softmax(p, axis) if with_logits else log(p)
+    onehot = np.moveaxis(np.eye(num_classes, dtype=p.dtype)[labels], -1, axis)
+    if label_smooth:
+        onehot = onehot * (1 - label_smooth) + label_smooth / num_classes
+    losses = -(logp * Tensor._wrap(onehot)).sum(axis=axis)
+    if reduction == "none":
+        return losses
+    return losses.mean() if reduction == "mean" else losses.sum()
