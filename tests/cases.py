@@ -113,7 +113,14 @@ TRANSPOSE_CASES: list[ConvCase] = [
     ConvCase("t_up2x2x2", (2, 4, 3, 3, 3), 2, 2, stride=2, bias=False),
     ConvCase("t_outpad", (1, 2, 3, 3, 4), 2, 3, stride=2, padding=1, output_padding=1),
     ConvCase(
-        "t_asym", (1, 2, 3, 4, 3), 3, (2, 3, 2), (1, 2, 3), (0, 1, 1), (2, 1, 1), output_padding=(0, 1, 2)
+        "t_asym",
+        (1, 2, 3, 4, 3),
+        3,
+        (2, 3, 2),
+        (1, 2, 3),
+        (0, 1, 1),
+        (2, 1, 1),
+        output_padding=(0, 1, 2),
     ),
     ConvCase("t_groups2", (1, 4, 3, 3, 3), 6, 3, stride=2, padding=1, groups=2, output_padding=1),
     ConvCase("t_depthwise", (1, 3, 4, 4, 4), 3, 3, padding=1, groups=3),

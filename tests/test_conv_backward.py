@@ -63,7 +63,12 @@ def test_conv3d_gradients_finite_differences(case, alg, algorithm, rng):
     y, grads = _grads(F.conv3d, case, x, w, b, dy, np.float64)
     assert [g.shape for g in grads] == [a.shape for a in (x, w, b) if a is not None]
     args = [x, w] + ([] if b is None else [b]) + [dy]
-    _directional_check(lambda *a: reference_forward(case, *a[:2], a[2] if b is not None else None), args, grads, rng)
+    _directional_check(
+        lambda *a: reference_forward(case, *a[:2], a[2] if b is not None else None),
+        args,
+        grads,
+        rng,
+    )
 
 
 @pytest.mark.parametrize("case,alg", PARAMS)
@@ -90,7 +95,12 @@ def test_conv_transpose3d_gradients_finite_differences(case, rng):
     dy = rng.standard_normal(reference_transpose(case, x, w, b).shape)
     _, grads = _grads(F.conv_transpose3d, case, x, w, b, dy, np.float64, output_padding=op)
     args = [x, w] + ([] if b is None else [b]) + [dy]
-    _directional_check(lambda *a: reference_transpose(case, *a[:2], a[2] if b is not None else None), args, grads, rng)
+    _directional_check(
+        lambda *a: reference_transpose(case, *a[:2], a[2] if b is not None else None),
+        args,
+        grads,
+        rng,
+    )
 
 
 def test_gradients_accumulate_and_start_as_none():

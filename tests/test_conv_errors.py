@@ -123,6 +123,8 @@ def test_bad_input_raises_clear_error(fn, kwargs, exc, match):
 
 def test_huge_output_is_a_memory_error_before_allocating():
     # 1 x 1 x 2^20 x 2^20 x 2^10 ... the output alone would need petabytes.
-    x = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (1, 1, 2**20, 2**20, 2**10), (0,) * 5)
+    x = np.lib.stride_tricks.as_strided(
+        np.zeros(1, np.float32), (1, 1, 2**20, 2**20, 2**10), (0,) * 5
+    )
     with pytest.raises(MemoryError, match="conv3d output of shape"):
         F.conv3d(x, np.ones((1, 1, 1, 1, 1), np.float32))

@@ -20,11 +20,9 @@ Layout (API layer above one engine above numpy/BLAS):
 (2, 1, 2, 2, 2)
 """
 
-from . import autodiff, config, engine, functional, random
+from . import autodiff, config, engine, functional, module, optimizer, random  # noqa: E402,I001  (they build on the names above)
 from .serialization import load, save
 from .tensor import Parameter, Tensor, tensor
-
-from . import module, optimizer  # noqa: E402,I001  (they build on the names above)
 
 __version__ = "0.1.0"
 

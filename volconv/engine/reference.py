@@ -18,7 +18,8 @@ def conv3d_reference(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.nda
     >>> from volconv.engine._args import conv_geometry
     >>> g = conv_geometry((1, 1, 3, 3, 3), (1, 1, 1, 3, 3, 3), (1, 1, 1), ((0, 0),) * 3,
     ...                   (1, 1, 1), 1)
-    >>> float(conv3d_reference(np.ones((1, 1, 3, 3, 3)), np.ones((1, 1, 1, 3, 3, 3)), g)[0, 0, 0, 0, 0])
+    >>> y = conv3d_reference(np.ones((1, 1, 3, 3, 3)), np.ones((1, 1, 1, 3, 3, 3)), g)
+    >>> float(y[0, 0, 0, 0, 0])
     27.0
     """
     x = np.asarray(x, dtype=np.float64)

@@ -13,11 +13,13 @@ from .. import engine
 from ..autodiff import record
 from ..engine._args import (
     conv_geometry,
-    conv_mode as _check_conv_mode,
     positive_int,
     symmetric_pads,
     transpose_out_size,
     triple,
+)
+from ..engine._args import (
+    conv_mode as _check_conv_mode,
 )
 from ..engine._memory import check_allocation
 from ..tensor import Tensor
