@@ -66,6 +66,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
         res = np.matmul(w2, _unfold(x, geom, slab))
         res = res.reshape(geom.O, slab.nb, slab.dz, Ho, Wo).transpose(1, 0, 2, 3, 4)
         out[slab.n0 : slab.n1, :, slab.d0 : slab.d1] = res
+        del res  # free this slab's scratch before the next slab allocates its own
     return out
 
 
@@ -74,7 +75,9 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     dw = np.zeros((geom.G, geom.Og, geom.Cg * geom.taps), dtype=x.dtype)
     for slab in _slabs(geom, x.itemsize):
         col = _unfold(x, geom, slab)
-        dw += np.matmul(_dy_slab(dy, geom, slab), col.transpose(0, 2, 1))
+        # (CK, P) @ (P, Og): the small dy slab is the operand numpy may copy, not col
+        dw += np.matmul(col, _dy_slab(dy, geom, slab).transpose(0, 2, 1)).transpose(0, 2, 1)
+        del col
     return dw.reshape(geom.w_shape)
 
 
@@ -95,4 +98,5 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
                 for e in range(kw):
                     windows[:, :, a, b, e] += cols[:, :, a, b, e]
         scatter_block_add(dx, block, slab.n0, slab.n1, starts)
+        del cols, block, windows
     return dx

@@ -109,6 +109,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
             )  # fmt: skip
         res = acc.reshape(O, slab.nb, *lengths)[:, :, : slab.dz, :Ho, :Wo]
         out[slab.n0 : slab.n1, :, slab.d0 : slab.d1] = res.transpose(1, 0, 2, 3, 4)
+        del flat, acc, res  # free this slab's scratch before the next slab allocates
     return out
 
 
@@ -132,4 +133,5 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
                 dwt.ctypes.data + t * O * C * isz, C,
                 1.0,
             )  # fmt: skip
+        del flat, dyg  # free this slab's scratch before the next slab allocates its own
     return dwt.transpose(1, 2, 0).reshape(geom.w_shape)
