@@ -99,3 +99,16 @@ def gemm_f(
         c_ptr,
         ctypes.byref(c_int(ldc)),
     )
+
+
+def gemm_nt_acc(
+    dtype: np.dtype, a_ptr: int, lda: int, b_ptr: int, ldb: int, c_ptr: int, m: int, n: int, k: int
+) -> None:
+    """Row-major ``C (m x n) += A (m x k) @ B (n x k).T`` with row strides ``lda``, ``ldb``.
+
+    This is the shape of every weight gradient: two operands that share their long
+    reduction axis. OpenBLAS runs such long-``k`` products several times faster when
+    its own ``m`` (here ``n``, the rows of ``B``) is the smaller side, so callers pass
+    the operand with fewer rows as ``B`` and transpose the small result afterwards.
+    """
+    gemm_f(dtype, True, False, n, m, k, b_ptr, ldb, a_ptr, lda, c_ptr, n, 1.0)

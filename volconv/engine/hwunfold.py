@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._blas import gemm_f
+from ._blas import gemm_f, gemm_nt_acc
 from ._slabs import Slab, gather_block, input_window, plan_slabs, scatter_block_add
 
 NAME = "hwunfold"
@@ -173,22 +173,22 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     O, isz = geom.O, x.itemsize
     kd, kh, kw = geom.kernel
     K = geom.C * kh * kw
-    # Kept as (kd, K, O): with the small O as BLAS's m, these long-reduction GEMMs run
-    # several times faster in OpenBLAS than with m = K.
-    dwa = np.zeros((kd, K, O), dtype=x.dtype)
+    o_rows = O <= K  # the operand with fewer rows goes second (see gemm_nt_acc)
+    acc = np.zeros((kd, K, O) if o_rows else (kd, O, K), dtype=x.dtype)
     for slab in _slabs(geom, isz):
         col, row, width = _unfold(x, geom, slab)
         dys = _dy_slab(dy, slab)
         for a, start, at, cols in _windows(geom, slab):
-            # Fortran: dW_a (O x K) += dy (O x cols) @ window^T (cols x K)
-            gemm_f(
-                x.dtype, True, False, O, K, cols,
-                dys.ctypes.data + at * isz, width,
-                col.ctypes.data + start * isz, row,
-                dwa.ctypes.data + a * O * K * isz, O,
-                1.0,
+            window = (col.ctypes.data + start * isz, row, K)
+            grad = (dys.ctypes.data + at * isz, width, O)
+            first, second = (window, grad) if o_rows else (grad, window)
+            # dW_a += dy (O x cols) @ window.T (cols x K), in either orientation
+            gemm_nt_acc(
+                x.dtype, first[0], first[1], second[0], second[1],
+                acc.ctypes.data + a * O * K * isz, first[2], second[2], cols,
             )  # fmt: skip
         del col, dys  # free this slab's scratch before the next slab allocates its own
+    dwa = acc if o_rows else acc.transpose(0, 2, 1)  # (kd, K, O)
     dw = dwa.reshape(kd, geom.C, kh, kw, O).transpose(4, 1, 0, 2, 3)
     return np.ascontiguousarray(dw).reshape(geom.w_shape)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._blas import gemm_f
+from ._blas import gemm_f, gemm_nt_acc
 from ._slabs import Slab, input_window, plan_slabs
 
 NAME = "tapgemm"
@@ -115,23 +115,24 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     O, C, isz = geom.O, geom.C, x.itemsize
-    dwt = np.zeros((geom.taps, O, C), dtype=x.dtype)
+    o_rows = O <= C  # the operand with fewer rows goes second (see gemm_nt_acc)
+    acc = np.zeros((geom.taps, C, O) if o_rows else (geom.taps, O, C), dtype=x.dtype)
     _, Ho, Wo = geom.spatial_out
     for slab in _slabs(geom, isz, grads=True):
         flat, lengths, grid = _flat_block(x, geom, slab)
         dyg = np.zeros((O, slab.nb, *lengths), dtype=x.dtype)
-        dyg[:, :, : slab.dz, :Ho, :Wo] = dy[slab.n0 : slab.n1, :, slab.d0 : slab.d1].transpose(
-            1, 0, 2, 3, 4
-        )
+        part = dy[slab.n0 : slab.n1, :, slab.d0 : slab.d1]
+        dyg[:, :, : slab.dz, :Ho, :Wo] = part.transpose(1, 0, 2, 3, 4)
         total = flat.shape[1]
         for t, off in enumerate(_offsets(geom, lengths)):
-            # Fortran: dW_t^T (C x O) += flat_window (grid x C)^T @ dy_grid^T (grid x O)
-            gemm_f(
-                x.dtype, True, False, C, O, grid,
-                flat.ctypes.data + off * isz, total,
-                dyg.ctypes.data, grid,
-                dwt.ctypes.data + t * O * C * isz, C,
-                1.0,
+            window = (flat.ctypes.data + off * isz, total, C)
+            grad = (dyg.ctypes.data, grid, O)
+            first, second = (window, grad) if o_rows else (grad, window)
+            # dW_t += dy_grid (O x grid) @ window.T (grid x C), in either orientation
+            gemm_nt_acc(
+                x.dtype, first[0], first[1], second[0], second[1],
+                acc.ctypes.data + t * O * C * isz, first[2], second[2], grid,
             )  # fmt: skip
         del flat, dyg  # free this slab's scratch before the next slab allocates its own
-    return dwt.transpose(1, 2, 0).reshape(geom.w_shape)
+    dwt = acc if o_rows else acc.transpose(0, 2, 1)  # (taps, C, O)
+    return np.ascontiguousarray(dwt.transpose(2, 1, 0)).reshape(geom.w_shape)
