@@ -191,7 +191,7 @@ def test_bad_arguments_raise_clear_errors(make, error, words):
     "make",
     [
         lambda: M.Conv3d(2, 4, 3, compute_mode="default"),
-        lambda: M.Conv3d(2, 4, 3, padding_mode="zeros"),
+        lambda: M.Conv3d(2, 4, 3, padding_modes="zeros"),
         lambda: M.Conv3d(2, 4, 3, name="c"),
         lambda: M.ConvTranspose3d(2, 4, 3, conv_mode="cross_correlation"),
     ],

@@ -14,7 +14,6 @@ from ..autodiff import record
 from ..engine._args import (
     conv_geometry,
     positive_int,
-    symmetric_pads,
     transpose_out_size,
     triple,
 )
@@ -23,6 +22,7 @@ from ..engine._args import (
 )
 from ..engine._memory import check_allocation
 from ..tensor import Tensor
+from . import _padding
 
 __all__ = [
     "conv3d",
@@ -99,9 +99,10 @@ def _grouped_weight(w: Tensor, groups: int, name: str, in_ch_axis_name: str) -> 
     return w.shape
 
 
-def _check_input(x: Tensor, name: str) -> None:
+def _check_input(x: Tensor, name: str, fmt: str = "NCDHW") -> None:
     if x.ndim != 5:
-        raise ValueError(f"{name} must be 5-D (N, C, D, H, W), got {x.ndim}-D shape {x.shape}")
+        axes = ", ".join(fmt)
+        raise ValueError(f"{name} must be 5-D ({axes}), got {x.ndim}-D shape {x.shape}")
 
 
 def _bias_shape(b: Tensor, channels: int) -> tuple[int, ...]:
@@ -142,28 +143,47 @@ def conv3d(
     dilation=1,
     groups: int = 1,
     conv_mode: str = "cross_correlation",
+    *,
+    padding_mode: str = "zeros",
+    format: str = "NCDHW",
 ) -> Tensor:
     """3D convolution (cross-correlation) over an ``(N, C, D, H, W)`` input.
 
     Parameters
     ----------
     inp : Tensor or ndarray
-        Input of shape ``(N, C, D, H, W)``.
+        Input of shape ``(N, C, D, H, W)`` (``(N, D, H, W, C)`` with ``format="NDHWC"``).
     weight : Tensor or ndarray
         ``(O, C, kd, kh, kw)``; with ``groups > 1``, ``(G, O/G, C/G, kd, kh, kw)``.
+        The same for either ``format``.
     bias : Tensor or ndarray, optional
         One value per output channel, usually ``(1, O, 1, 1, 1)``.
-    stride, padding, dilation : int or tuple of 3 ints
-        Stride (>= 1), symmetric zero padding (>= 0) and dilation (>= 1) per axis.
+    stride, dilation : int or tuple of 3 ints
+        Stride (>= 1) and dilation (>= 1) per axis.
+    padding : int, tuple of 3 ints, "same" or "valid"
+        Padding (>= 0) on both sides of each axis. Extension: ``"valid"`` is no
+        padding; ``"same"`` (stride 1 only) pads ``dilation*(kernel-1)`` in total per
+        axis so that the output is as large as the input, the odd extra element on the
+        high side (as PyTorch and TensorFlow do). Either string in any case.
     groups : int
         Number of channel groups.
     conv_mode : str
         Only ``"cross_correlation"``.
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}, keyword-only
+        Extension (PyTorch's names and meaning): what the padding holds. ``"reflect"``
+        mirrors without repeating the edge sample (``d c b | a b c d | c b a``) and
+        needs padding smaller than the input on every axis; ``"replicate"`` repeats
+        the edge sample; ``"circular"`` wraps around periodically. Non-zero modes
+        pad a copy of the input.
+    format : {"NCDHW", "NDHWC"}, keyword-only
+        Extension: layout of ``inp`` and of the result. ``"NDHWC"`` is channels-last.
 
     Returns
     -------
     Tensor
-        ``(N, O, Do, Ho, Wo)`` with ``Do = (D + 2p - d*(k-1) - 1) // s + 1``.
+        ``(N, O, Do, Ho, Wo)`` with ``Do = (D + pad_low + pad_high - d*(k-1) - 1) // s + 1``
+        (``(N, Do, Ho, Wo, O)`` with ``format="NDHWC"``). float16 and bfloat16
+        operands compute in float32 and round once to their own dtype.
 
     Examples
     --------
@@ -174,31 +194,58 @@ def conv3d(
     >>> y = F.conv3d(x, w, stride=2)
     >>> y.shape, float(y.numpy()[0, 0, 0, 0, 0])
     ((2, 3, 2, 2, 2), 16.0)
+
+    The extensions: ``"same"`` output size with an even kernel, replicated edges,
+    channels-last data.
+
+    >>> F.conv3d(x, w, padding="same").shape
+    (2, 3, 4, 4, 4)
+    >>> float(F.conv3d(x, w, padding=1, padding_mode="replicate").numpy().min())
+    16.0
+    >>> x_cl = mge.tensor(np.ones((2, 4, 4, 4, 2), dtype=np.float32))
+    >>> F.conv3d(x_cl, w, padding="same", format="NDHWC").shape
+    (2, 4, 4, 4, 3)
     """
     x = _as_tensor(inp, "inp")
     w = _as_tensor(weight, "weight")
     b = None if bias is None else _as_tensor(bias, "bias")
     stride = triple(stride, "stride", 1)
-    padding = triple(padding, "padding", 0)
     dilation = triple(dilation, "dilation", 1)
     groups = positive_int(groups, "groups")
     _check_conv_mode(conv_mode)
-    _check_input(x, "inp")
+    mode = _padding.check_padding_mode(padding_mode, "conv3d")
+    fmt = _padding.check_format(format, "conv3d")
+    _check_input(x, "inp", fmt)
     w6 = _grouped_weight(w, groups, "weight", "out_channels/groups, in_channels/groups")
+    pads = _padding.resolve_pads(padding, w6[3:], stride, dilation, "conv3d")
     out_dtype, cdt = resolve_dtypes(
         ("inp", x.dtype), ("weight", w.dtype), ("bias", None if b is None else b.dtype)
     )
-    geom = conv_geometry(x.shape, w6, stride, symmetric_pads(padding), dilation, groups)
+    in_shape = _padding.ncdhw_shape(x.shape, fmt)
+    geom = conv_geometry(in_shape, w6, stride, pads, dilation, groups)
+    if mode != "zeros":
+        # pad explicitly, then convolve without padding: the engine only pads with zeros
+        _padding.check_pad_fits(geom.spatial_in, pads, mode)
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(geom.spatial_in, pads, strict=True))
+        check_allocation((*in_shape[:2], *padded), cdt, f"conv3d {mode}-padded input")
+        no_pads = ((0, 0), (0, 0), (0, 0))
+        geom = conv_geometry((*in_shape[:2], *padded), w6, stride, no_pads, dilation, groups)
     if b is not None:
         _bias_shape(b, geom.O)
     check_allocation(geom.out_shape, cdt, "conv3d output")
-    xc = _compute_array(x, cdt)
+    xc = _padding.to_ncdhw(x._data, fmt, cdt)
+    if mode != "zeros":
+        xc = _padding.pad(xc, pads, mode)
     wc = _compute_array(w, cdt).reshape(w6)
-    y = Tensor._wrap(_finish(engine.conv3d_forward(xc, wc, geom), b, out_dtype, geom.O))
+    y = _finish(engine.conv3d_forward(xc, wc, geom), b, out_dtype, geom.O)
+    y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
 
     def backward(g):
-        gc = np.ascontiguousarray(g, dtype=cdt)
-        dx = engine.conv3d_backward_input(gc, wc, geom).astype(x.dtype, copy=False)
+        gc = _padding.to_ncdhw(g, fmt, cdt)
+        dx = engine.conv3d_backward_input(gc, wc, geom)
+        if mode != "zeros":
+            dx = _padding.pad_backward(dx, pads, mode)
+        dx = _padding.from_ncdhw(dx, fmt, x.dtype)
         dw = engine.conv3d_backward_weight(xc, gc, geom).reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 
@@ -215,21 +262,32 @@ def conv_transpose3d(
     output_padding=0,
     dilation=1,
     groups: int = 1,
+    *,
+    padding_mode: str = "zeros",
+    format: str = "NCDHW",
 ) -> Tensor:
     """Transposed 3D convolution: the gradient of :func:`conv3d` with respect to its input.
 
     Parameters
     ----------
     inp : Tensor or ndarray
-        ``(N, Cin, D, H, W)``.
+        ``(N, Cin, D, H, W)`` (``(N, D, H, W, Cin)`` with ``format="NDHWC"``).
     weight : Tensor or ndarray
         ``(Cin, Cout, kd, kh, kw)``; with ``groups > 1``, ``(G, Cin/G, Cout/G, kd, kh, kw)``.
     bias : Tensor or ndarray, optional
         One value per output channel, usually ``(1, Cout, 1, 1, 1)``.
-    stride, padding, dilation : int or tuple of 3 ints
+    stride, dilation : int or tuple of 3 ints
+    padding : int, tuple of 3 ints, "same" or "valid"
+        Removed from both sides of each output axis. Extension: ``"valid"`` is 0;
+        ``"same"`` (stride 1 only) removes what ``conv3d(padding="same")`` adds, so the
+        output is as large as the input and this is that convolution's adjoint.
     output_padding : int or tuple of 3 ints
         Extra size on the high side of each axis, ``0 <= output_padding < stride``.
     groups : int
+    padding_mode : {"zeros"}, keyword-only
+        Only ``"zeros"`` (as in PyTorch); anything else is a ``ValueError``.
+    format : {"NCDHW", "NDHWC"}, keyword-only
+        Extension: layout of ``inp`` and of the result; the weight keeps its layout.
 
     Returns
     -------
@@ -244,19 +302,31 @@ def conv_transpose3d(
     >>> w = mge.tensor(np.ones((2, 4, 2, 2, 2), dtype=np.float32))
     >>> F.conv_transpose3d(x, w, stride=2, output_padding=1).shape
     (1, 4, 7, 7, 7)
+    >>> F.conv_transpose3d(x, w, padding="same").shape
+    (1, 4, 3, 3, 3)
+    >>> x_cl = mge.tensor(np.ones((1, 3, 3, 3, 2), dtype=np.float32))
+    >>> F.conv_transpose3d(x_cl, w, stride=2, format="NDHWC").shape
+    (1, 6, 6, 6, 4)
     """
     x = _as_tensor(inp, "inp")
     w = _as_tensor(weight, "weight")
     b = None if bias is None else _as_tensor(bias, "bias")
     stride = triple(stride, "stride", 1)
-    padding = triple(padding, "padding", 0)
     dilation = triple(dilation, "dilation", 1)
     output_padding = triple(output_padding, "output_padding", 0)
     groups = positive_int(groups, "groups")
-    _check_input(x, "inp")
+    if padding_mode != "zeros":
+        _padding.check_padding_mode(padding_mode, "conv_transpose3d")
+        raise ValueError(
+            f"conv_transpose3d supports only padding_mode='zeros' (as PyTorch's "
+            f"ConvTranspose3d), got {padding_mode!r}"
+        )
+    fmt = _padding.check_format(format, "conv_transpose3d")
+    _check_input(x, "inp", fmt)
     # In forward-convolution terms the transposed weight (G, Cin/G, Cout/G, k) is already
     # the grouped weight (G, Og, Cg, k) of the conv3d whose input gradient we compute.
     w6 = _grouped_weight(w, groups, "weight", "in_channels/groups, out_channels/groups")
+    pads = _padding.resolve_pads(padding, w6[3:], stride, dilation, "conv_transpose3d")
     for axis in range(3):
         if output_padding[axis] >= stride[axis]:
             raise ValueError(
@@ -266,39 +336,42 @@ def conv_transpose3d(
     out_dtype, cdt = resolve_dtypes(
         ("inp", x.dtype), ("weight", w.dtype), ("bias", None if b is None else b.dtype)
     )
+    in_shape = _padding.ncdhw_shape(x.shape, fmt)
     G, cin_g, cout_g = w6[:3]
-    if G * cin_g != x.shape[1]:
+    if G * cin_g != in_shape[1]:
         raise ValueError(
-            f"channel mismatch: inp has {x.shape[1]} channels but the weight expects "
+            f"channel mismatch: inp has {in_shape[1]} channels but the weight expects "
             f"{G * cin_g} (groups={G} x {cin_g} per group)"
         )
     out_spatial = []
     for axis in range(3):
+        lo, hi = pads[axis]
         size = transpose_out_size(
-            x.shape[2 + axis], w6[3 + axis], stride[axis], padding[axis], padding[axis],
-            dilation[axis], output_padding[axis],
+            in_shape[2 + axis], w6[3 + axis], stride[axis], lo, hi, dilation[axis],
+            output_padding[axis],
         )  # fmt: skip
         if size < 1:
+            shown = lo if lo == hi else (lo, hi)
             raise ValueError(
                 f"conv_transpose3d output would be empty on spatial axis {axis}: input "
-                f"{x.shape[2 + axis]}, stride {stride[axis]}, padding {padding[axis]}, "
+                f"{in_shape[2 + axis]}, stride {stride[axis]}, padding {shown}, "
                 f"kernel {w6[3 + axis]}, dilation {dilation[axis]} give size {size}"
             )
         out_spatial.append(size)
-    out_shape = (x.shape[0], G * cout_g, *out_spatial)
-    geom = conv_geometry(out_shape, w6, stride, symmetric_pads(padding), dilation, groups)
-    assert geom.spatial_out == x.shape[2:], (geom.spatial_out, x.shape)
+    out_shape = (in_shape[0], G * cout_g, *out_spatial)
+    geom = conv_geometry(out_shape, w6, stride, pads, dilation, groups)
+    assert geom.spatial_out == in_shape[2:], (geom.spatial_out, in_shape)
     if b is not None:
         _bias_shape(b, geom.C)
     check_allocation(out_shape, cdt, "conv_transpose3d output")
-    xc = _compute_array(x, cdt)
+    xc = _padding.to_ncdhw(x._data, fmt, cdt)
     wc = _compute_array(w, cdt).reshape(w6)
     y = engine.conv3d_backward_input(xc, wc, geom)
-    y = Tensor._wrap(_finish(y, b, out_dtype, geom.C))
+    y = Tensor._wrap(_padding.from_ncdhw(_finish(y, b, out_dtype, geom.C), fmt))
 
     def backward(g):
-        gc = np.ascontiguousarray(g, dtype=cdt)
-        dx = engine.conv3d_forward(gc, wc, geom).astype(x.dtype, copy=False)
+        gc = _padding.to_ncdhw(g, fmt, cdt)
+        dx = _padding.from_ncdhw(engine.conv3d_forward(gc, wc, geom), fmt, x.dtype)
         dw = engine.conv3d_backward_weight(gc, xc, geom).reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 

@@ -16,6 +16,13 @@ Differences from MegEngine (all deliberate):
   ``output_padding < stride`` at construction; its ``groups`` work (MegEngine's
   forward fails for ``groups > 1``).
 - ``forward`` also accepts a numpy array (MegEngine raises ``TypeError``).
+
+Extensions (keyword-only, defaults keep MegEngine's behaviour): ``padding="same"`` /
+``"valid"`` (stored as that string), ``padding_mode`` (``Conv3d``: ``"zeros"``,
+``"reflect"``, ``"replicate"``, ``"circular"``; ``ConvTranspose3d``: ``"zeros"`` only)
+and ``format="NCDHW" | "NDHWC"`` for the input and output layout. Their defaults are
+class attributes, and an instance stores them only when they differ, so that
+``vars(m)`` of a default layer is exactly MegEngine's; the repr shows them only then.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 
 from ..engine._args import conv_mode as _check_conv_mode
 from ..engine._args import positive_int, triple
+from ..functional import _padding
 from ..functional.nn import conv3d, conv_transpose3d
 from ..tensor import Parameter, Tensor
 from . import init
@@ -55,6 +63,10 @@ def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
 class _ConvNd(Module):
     """Shared construction, initialisation and repr of the 3D convolution layers."""
 
+    # Extensions beyond MegEngine; set on an instance only when not the default.
+    padding_mode = "zeros"
+    format = "NCDHW"
+
     def __init__(
         self,
         in_channels,
@@ -66,17 +78,22 @@ class _ConvNd(Module):
         dilation,
         groups,
         bias,
+        padding_mode="zeros",
+        format="NCDHW",
     ) -> None:
         super().__init__()
         groups = positive_int(groups, "groups")
         in_channels = _count(in_channels, "in_channels", 1)
         out_channels = _count(out_channels, "out_channels", 0)
         _check_groups(in_channels, out_channels, groups)
+        op = type(self).__name__
+        padding_mode = _padding.check_padding_mode(padding_mode, op)
+        format = _padding.check_format(format, op)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = triple(kernel_size, "kernel_size", 1)
         self.stride = triple(stride, "stride", 1)
-        self.padding = triple(padding, "padding", 0)
+        self.padding = _padding.normalize_padding(padding, self.stride, op)
         self.output_padding = output_padding
         self.dilation = triple(dilation, "dilation", 1)
         self.groups = groups
@@ -84,6 +101,10 @@ class _ConvNd(Module):
         self.bias = None
         if bias:
             self.bias = Parameter(np.zeros(self._infer_bias_shape(), dtype=np.float32))
+        if padding_mode != _ConvNd.padding_mode:
+            self.padding_mode = padding_mode
+        if format != _ConvNd.format:
+            self.format = format
         self.reset_parameters()
 
     def _get_fanin(self) -> int:
@@ -105,7 +126,9 @@ class _ConvNd(Module):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         if self.stride != (1, 1, 1):
             s += f", stride={self.stride}"
-        if self.padding != (0, 0, 0):
+        if isinstance(self.padding, str):
+            s += f", padding={self.padding!r}"
+        elif self.padding != (0, 0, 0):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1, 1):
             s += f", dilation={self.dilation}"
@@ -113,6 +136,10 @@ class _ConvNd(Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.format != "NCDHW":
+            s += f", format={self.format!r}"
         return s
 
 
@@ -133,8 +160,10 @@ class Conv3d(_ConvNd):
         Spatial size of the weight (>= 1).
     stride, dilation : int or tuple of 3 ints
         Default 1 (>= 1).
-    padding : int or tuple of 3 ints
-        Zero padding on both sides of each spatial axis. Default 0.
+    padding : int, tuple of 3 ints, "same" or "valid"
+        Padding on both sides of each spatial axis. Default 0. Extension: ``"same"``
+        (stride 1 only; output as large as the input, an odd total's extra element on
+        the high side) and ``"valid"`` (no padding), stored as the lower-case string.
     groups : int
         Channel groups; ``in_channels`` and ``out_channels`` must be divisible by
         it. The weight is then ``(groups, out/groups, in/groups, kd, kh, kw)``.
@@ -142,6 +171,11 @@ class Conv3d(_ConvNd):
         Add a learnable bias of shape ``(1, out_channels, 1, 1, 1)``.
     conv_mode : str
         Only ``"cross_correlation"`` (checked here, not at the first forward).
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}, keyword-only
+        Extension: what the padding holds (PyTorch's names and meaning, see
+        :func:`volconv.functional.conv3d`).
+    format : {"NCDHW", "NDHWC"}, keyword-only
+        Extension: layout of the input and output; the weight keeps its layout.
 
     Examples
     --------
@@ -154,6 +188,14 @@ class Conv3d(_ConvNd):
     (2, 1, 2, 2, 2)
     >>> M.Conv3d(4, 8, 3, padding=1, groups=2, bias=False)
     Conv3d(4, 8, kernel_size=(3, 3, 3), padding=(1, 1, 1), groups=2, bias=False)
+
+    The extensions, shown in the repr only when they are not the default:
+
+    >>> m = M.Conv3d(3, 1, 3, padding="same", padding_mode="reflect", format="NDHWC")
+    >>> m
+    Conv3d(3, 1, kernel_size=(3, 3, 3), padding='same', padding_mode='reflect', format='NDHWC')
+    >>> m(np.ones((2, 4, 4, 4, 3), dtype=np.float32)).shape
+    (2, 4, 4, 4, 1)
     """
 
     def __init__(
@@ -167,11 +209,24 @@ class Conv3d(_ConvNd):
         groups: int = 1,
         bias: bool = True,
         conv_mode: str = "cross_correlation",
+        *,
+        padding_mode: str = "zeros",
+        format: str = "NCDHW",
     ) -> None:
         _check_conv_mode(conv_mode)
         self.conv_mode = conv_mode
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, 0, dilation, groups, bias
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            0,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            format,
         )
 
     def _infer_weight_shape(self) -> tuple[int, ...]:
@@ -198,10 +253,12 @@ class Conv3d(_ConvNd):
             self.dilation,
             self.groups,
             self.conv_mode,
+            padding_mode=self.padding_mode,
+            format=self.format,
         )
 
     def forward(self, inp) -> Tensor:
-        """Convolve ``inp`` (a Tensor or numpy array of shape ``(N, C, D, H, W)``)."""
+        """Convolve ``inp`` (a Tensor or numpy array, ``(N, C, D, H, W)`` or in ``format``)."""
         return self.calc_conv(inp, self.weight, self.bias)
 
 
@@ -220,8 +277,10 @@ class ConvTranspose3d(_ConvNd):
     kernel_size : int or tuple of 3 ints
     stride, dilation : int or tuple of 3 ints
         Default 1.
-    padding : int or tuple of 3 ints
-        Removed from both sides of each output axis. Default 0.
+    padding : int, tuple of 3 ints, "same" or "valid"
+        Removed from both sides of each output axis. Default 0. Extension: ``"valid"``
+        (0) and ``"same"`` (stride 1 only: the adjoint of ``Conv3d(padding="same")``,
+        output as large as the input).
     output_padding : int or tuple of 3 ints
         Extra size on the high side of each axis; ``0 <= output_padding < stride``.
         Stored as a 3-tuple. Never shown in the repr (as in MegEngine).
@@ -229,6 +288,10 @@ class ConvTranspose3d(_ConvNd):
         Channel groups. The weight is then ``(groups, in/groups, out/groups, kd, kh, kw)``.
     bias : bool
         Add a learnable bias of shape ``(1, out_channels, 1, 1, 1)``.
+    padding_mode : {"zeros"}, keyword-only
+        Only ``"zeros"`` (as in PyTorch); anything else is a ``ValueError``.
+    format : {"NCDHW", "NDHWC"}, keyword-only
+        Extension: layout of the input and output; the weight keeps its layout.
 
     Examples
     --------
@@ -253,7 +316,16 @@ class ConvTranspose3d(_ConvNd):
         dilation: int | tuple[int, int, int] = 1,
         groups: int = 1,
         bias: bool = True,
+        *,
+        padding_mode: str = "zeros",
+        format: str = "NCDHW",
     ) -> None:
+        if padding_mode != "zeros":
+            _padding.check_padding_mode(padding_mode, "ConvTranspose3d")
+            raise ValueError(
+                f"ConvTranspose3d supports only padding_mode='zeros' (as in PyTorch), "
+                f"got {padding_mode!r}"
+            )
         stride_t = triple(stride, "stride", 1)
         output_padding = triple(output_padding, "output_padding", 0)
         if any(op >= s for op, s in zip(output_padding, stride_t, strict=True)):
@@ -271,6 +343,8 @@ class ConvTranspose3d(_ConvNd):
             dilation,
             groups,
             bias,
+            padding_mode,
+            format,
         )
 
     def _infer_weight_shape(self) -> tuple[int, ...]:
@@ -290,4 +364,5 @@ class ConvTranspose3d(_ConvNd):
             self.output_padding,
             self.dilation,
             self.groups,
+            format=self.format,
         )
