@@ -1,0 +1,5 @@
+"""``python -m volconv.bench``: see :func:`volconv.bench.main`."""
+
+from volconv.bench import main
+
+raise SystemExit(main())
