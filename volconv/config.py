@@ -10,9 +10,16 @@ algorithm : str or None
     Force one forward algorithm by name (see ``volconv.engine.algorithms()``), or
     ``None`` to let the chooser pick. Meant for tests and benchmarks.
 deterministic : bool
-    When True the chooser only picks algorithms whose summation order does not depend
-    on timing (all of volconv's do, for a fixed thread count); autotuning is disabled
-    so the same shapes always take the same algorithm.
+    When True the chooser only picks algorithms that are bitwise reproducible from call
+    to call (``volconv.engine.reproducible``; an algorithm that is not, even when forced
+    with ``algorithm``, is replaced by ``im2col``). Default False. Every algorithm in
+    volconv is reproducible today, so results are already bitwise identical from call to
+    call for the same inputs, configuration, machine, BLAS build and thread counts (also
+    under concurrent Python threads: the engine runs one convolution at a time); the
+    flag keeps it so as faster, timing-dependent algorithms or autotuning are added.
+    Never guaranteed: equal results across BLAS/numba thread counts (numpy/numpy#25100),
+    BLAS builds, CPUs, ``workspace_bytes`` values (slabs change the summation order of
+    gradients), algorithms, or batch sizes.
 
 Examples
 --------

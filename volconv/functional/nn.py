@@ -20,6 +20,7 @@ from ..engine._args import (
 from ..engine._args import (
     conv_mode as _check_conv_mode,
 )
+from ..engine._lock import ENGINE_LOCK
 from ..engine._memory import check_allocation
 from ..tensor import Tensor
 from . import _padding
@@ -237,16 +238,20 @@ def conv3d(
     if mode != "zeros":
         xc = _padding.pad(xc, pads, mode)
     wc = _compute_array(w, cdt).reshape(w6)
-    y = _finish(engine.conv3d_forward(xc, wc, geom), b, out_dtype, geom.O)
+    with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
+        y = engine.conv3d_forward(xc, wc, geom)
+    y = _finish(y, b, out_dtype, geom.O)
     y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
 
     def backward(g):
         gc = _padding.to_ncdhw(g, fmt, cdt)
-        dx = engine.conv3d_backward_input(gc, wc, geom)
+        with ENGINE_LOCK:
+            dx = engine.conv3d_backward_input(gc, wc, geom)
+            dw = engine.conv3d_backward_weight(xc, gc, geom)
         if mode != "zeros":
             dx = _padding.pad_backward(dx, pads, mode)
         dx = _padding.from_ncdhw(dx, fmt, x.dtype)
-        dw = engine.conv3d_backward_weight(xc, gc, geom).reshape(w.shape).astype(w.dtype)
+        dw = dw.reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
@@ -366,13 +371,17 @@ def conv_transpose3d(
     check_allocation(out_shape, cdt, "conv_transpose3d output")
     xc = _padding.to_ncdhw(x._data, fmt, cdt)
     wc = _compute_array(w, cdt).reshape(w6)
-    y = engine.conv3d_backward_input(xc, wc, geom)
+    with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
+        y = engine.conv3d_backward_input(xc, wc, geom)
     y = Tensor._wrap(_padding.from_ncdhw(_finish(y, b, out_dtype, geom.C), fmt))
 
     def backward(g):
         gc = _padding.to_ncdhw(g, fmt, cdt)
-        dx = _padding.from_ncdhw(engine.conv3d_forward(gc, wc, geom), fmt, x.dtype)
-        dw = engine.conv3d_backward_weight(gc, xc, geom).reshape(w.shape).astype(w.dtype)
+        with ENGINE_LOCK:
+            dx = engine.conv3d_forward(gc, wc, geom)
+            dw = engine.conv3d_backward_weight(gc, xc, geom)
+        dx = _padding.from_ncdhw(dx, fmt, x.dtype)
+        dw = dw.reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
