@@ -160,12 +160,25 @@ def conv_geometry(
             f"channel mismatch: {input_name} has {C} channels but the weight expects "
             f"{Cg * G} (groups={G} x {Cg} per group)"
         )
-    out = []
+    out, effective_stride = [], []
     for axis, (size, k, s, (lo, hi), d) in enumerate(
         zip(in_shape[2:], kernel, stride, pads, dilation, strict=True)
     ):
+        if size < 1:
+            raise ValueError(
+                f"{input_name} has size 0 on spatial axis {axis} (shape {tuple(in_shape)}): "
+                "a convolution needs at least one sample per spatial axis"
+            )
+        if k < 1:
+            raise ValueError(
+                f"the weight has kernel size {k} on spatial axis {axis} (kernel {kernel}): "
+                "kernel sizes must be >= 1"
+            )
         extent = dilated_extent(k, d)
         padded = size + lo + hi
+        # A stride beyond the padded size leaves one output; clamping it changes no result
+        # and keeps every algorithm's stride-sized buffers bounded.
+        effective_stride.append(min(s, padded))
         if padded < extent:
             raise ValueError(
                 f"kernel too large on spatial axis {axis}: {input_name} size {size} + padding "
@@ -180,7 +193,7 @@ def conv_geometry(
         G=G,
         spatial_in=tuple(in_shape[2:]),
         kernel=kernel,
-        stride=stride,
+        stride=tuple(effective_stride),
         pads=pads,
         dilation=dilation,
         spatial_out=tuple(out),

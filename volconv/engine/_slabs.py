@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._args import ConvGeometry, dilated_extent
+from ._memory import check_allocation
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ def plan_slabs(geom: ConvGeometry, cost: Callable[[int, int], int], cap: int) ->
         else:
             hi = mid - 1
     dz = lo
+    if cost(1, 1) > cap:
+        # The smallest slab is one output plane; refuse it before allocating if it could
+        # never fit in memory (it only exceeds the cap on enormous planes).
+        check_allocation((cost(1, 1),), np.uint8, "one output plane of convolution scratch")
     for n in range(N):
         for d0 in range(0, Do, dz):
             yield Slab(n, n + 1, d0, min(Do, d0 + dz))

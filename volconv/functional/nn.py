@@ -42,11 +42,18 @@ def _as_tensor(value, name: str) -> Tensor:
         return value
     if isinstance(value, (np.ndarray, list, tuple, np.generic)):
         return Tensor._wrap(np.asarray(value))
+    if name == "bias" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Tensor._wrap(np.asarray(value, dtype=np.float32))
     raise TypeError(f"{name} must be a Tensor or numpy array, got {type(value).__name__}")
 
 
 def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
     """The floating dtype an operand takes part in the arithmetic as."""
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        raise TypeError(
+            f"{name} has dtype {dtype}: extended precision is not supported (it would be "
+            "computed in float64 at most); convert to float64"
+        )
     if dtype.kind == "f" or dtype.name == "bfloat16":
         return dtype
     if dtype.kind in "iu":
@@ -104,6 +111,13 @@ def _check_input(x: Tensor, name: str, fmt: str = "NCDHW") -> None:
     if x.ndim != 5:
         axes = ", ".join(fmt)
         raise ValueError(f"{name} must be 5-D ({axes}), got {x.ndim}-D shape {x.shape}")
+    spatial = [i for i, axis in enumerate(fmt) if axis in "DHW"]
+    for i in spatial:
+        if x.shape[i] == 0:
+            raise ValueError(
+                f"{name} has size 0 on spatial axis {fmt[i]} (shape {x.shape}): a convolution "
+                "needs at least one sample per spatial axis"
+            )
 
 
 def _bias_shape(b: Tensor, channels: int) -> tuple[int, ...]:
