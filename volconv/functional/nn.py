@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import engine
-from ..autodiff import record
+from ..autodiff import needs_grad, record
 from ..engine._args import (
     conv_geometry,
     positive_int,
@@ -257,15 +257,23 @@ def conv3d(
     y = _finish(y, b, out_dtype, geom.O)
     y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
 
+    # The input gradient is skipped when nothing upstream needs it (a network's data).
+    want_dx, want_dw = needs_grad(x), needs_grad(w)
+
     def backward(g):
         gc = _padding.to_ncdhw(g, fmt, cdt)
+        dx = dw = None
         with ENGINE_LOCK:
-            dx = engine.conv3d_backward_input(gc, wc, geom)
-            dw = engine.conv3d_backward_weight(xc, gc, geom)
-        if mode != "zeros":
-            dx = _padding.pad_backward(dx, pads, mode)
-        dx = _padding.from_ncdhw(dx, fmt, x.dtype)
-        dw = dw.reshape(w.shape).astype(w.dtype)
+            if want_dx:
+                dx = engine.conv3d_backward_input(gc, wc, geom)
+            if want_dw:
+                dw = engine.conv3d_backward_weight(xc, gc, geom)
+        if dx is not None:
+            if mode != "zeros":
+                dx = _padding.pad_backward(dx, pads, mode)
+            dx = _padding.from_ncdhw(dx, fmt, x.dtype)
+        if dw is not None:
+            dw = dw.reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
@@ -389,13 +397,20 @@ def conv_transpose3d(
         y = engine.conv3d_backward_input(xc, wc, geom)
     y = Tensor._wrap(_padding.from_ncdhw(_finish(y, b, out_dtype, geom.C), fmt))
 
+    want_dx, want_dw = needs_grad(x), needs_grad(w)
+
     def backward(g):
         gc = _padding.to_ncdhw(g, fmt, cdt)
+        dx = dw = None
         with ENGINE_LOCK:
-            dx = engine.conv3d_forward(gc, wc, geom)
-            dw = engine.conv3d_backward_weight(gc, xc, geom)
-        dx = _padding.from_ncdhw(dx, fmt, x.dtype)
-        dw = dw.reshape(w.shape).astype(w.dtype)
+            if want_dx:
+                dx = engine.conv3d_forward(gc, wc, geom)
+            if want_dw:
+                dw = engine.conv3d_backward_weight(gc, xc, geom)
+        if dx is not None:
+            dx = _padding.from_ncdhw(dx, fmt, x.dtype)
+        if dw is not None:
+            dw = dw.reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
