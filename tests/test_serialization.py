@@ -310,26 +310,12 @@ def _load_isolated(data: bytes):
     return kind.strip(), int(grew)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory amplification: the allow-listed builtins.bytearray accepts an int, so a "
-    "30-byte file makes load() allocate and zero-fill any size (1 GiB here; the OOM killer "
-    "for sizes near RAM). Fix in serialization.py: allow bytearray only with bytes/str "
-    "arguments (what pickle writes), like _latin1_encode",
-)
 def test_a_tiny_file_cannot_allocate_gigabytes():
     data = b"\x80\x02cbuiltins\nbytearray\n\x8a\x04\x00\x00\x00\x40\x85R."  # bytearray(2**30)
     kind, grew = _load_isolated(data)
     assert grew < 64, (kind, grew)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an allow-listed _reconstruct(ndarray, shape, dtype) without its __setstate__ "
-    "returns np.empty(shape): uninitialised process memory (or a lazily allocated huge "
-    "array) from a 60-byte file. numpy always pickles shape (0,); fix in serialization.py: "
-    "a _reconstruct wrapper that only builds shape-(0,) plain ndarrays",
-)
 def test_an_array_without_data_is_refused_or_empty():
     data = (
         b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
@@ -379,15 +365,6 @@ HOSTILE_STATES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the allow-listed numpy.dtype hands BUILD's state to numpy's unhardened "
-    "dtype.__setstate__: a 50-byte file kills the process (SIGSEGV) or raises SystemError, "
-    "which _load_from does not turn into CheckpointError. Fix in serialization.py: accept "
-    "BUILD on a dtype only when the state equals the dtype's own __reduce__()[2] (every "
-    "real checkpoint), e.g. with a pickle._Unpickler subclass whose BUILD checks this, and "
-    "catch every Exception in _load_from. numpy bug to report upstream",
-)
 @pytest.mark.parametrize("name", sorted(HOSTILE_STATES))
 def test_hostile_dtype_states_are_a_clean_checkpoint_error(name):
     assert _outcome_isolated(HOSTILE_STATES[name]) == "CheckpointError"
@@ -402,12 +379,6 @@ _LAUGHS = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_plain walks the loaded structure without remembering what it has seen: "
-    "a self-containing list loops forever, shared sub-lists take exponential time. Fix in "
-    "serialization.py: skip objects whose id() was already visited",
-)
 @pytest.mark.parametrize("data", [_CYCLE, _LAUGHS], ids=["cycle", "shared_2**60"])
 def test_self_referencing_and_shared_structures_load_quickly(data):
     assert _outcome_isolated(data) in ("loaded", "CheckpointError")
@@ -483,13 +454,6 @@ def test_random_mutations_load_plain_data_or_raise_checkpoint_error(name):
 
 
 # ---- load_state_dict: all or nothing, even when a conversion fails -------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_state_dict converts each value in its final loop (set_value), after "
-    "earlier parameters were already replaced: with warnings as errors, a float64 value "
-    "that overflows float32 stops the loop half-way (bias loaded, weight not). Fix in "
-    "module.py: convert every value first (np.array(value, dtype=tensor.dtype)), then assign",
-)
 def test_load_state_dict_is_atomic_when_a_conversion_fails():
     import warnings
 

@@ -425,9 +425,9 @@ class Module(metaclass=ABCMeta):
 
         Notes
         -----
-        Unlike MegEngine, every check runs before anything is changed, so a failed
-        load leaves the module exactly as it was. Data is copied and converted to
-        each parameter's dtype (float64 and float16 arrays load into float32
+        Unlike MegEngine, every check and conversion runs before anything is
+        changed, so a failed load leaves the module exactly as it was. Data is
+        copied and converted to each parameter's dtype (float64 and float16 arrays load into float32
         parameters; MegEngine crashes on float64 and switches the parameter's
         dtype for float16).
 
@@ -474,8 +474,11 @@ class Module(metaclass=ABCMeta):
             logger.warning(
                 "%s params in `strict=False` mode, %s=%s", label, label.lower(), _set_repr(names)
             )
-        for tensor, value in updates:
-            tensor.set_value(value)
+        # Convert every value before touching any tensor: a failing conversion (a float64
+        # that overflows float32, with warnings raised as errors) then changes nothing.
+        converted = [(tensor, np.array(value, dtype=tensor.dtype)) for tensor, value in updates]
+        for tensor, value in converted:
+            tensor._data = value  # a fresh copy in the tensor's dtype (what set_value makes)
 
     # ---- repr -----------------------------------------------------------------------------------
     def _module_info_string(self) -> str:
