@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (0)")
     p.add_argument("--sgemm-size", type=int, default=2048, help="size of the sgemm peak probe")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker (900)")
+    p.add_argument(
+        "--out-of-core",
+        action="store_true",
+        help="instead: convolve a zarr volume on disk with dask, report time and peak "
+        "memory (see `volconv bench --out-of-core --help`)",
+    )
     return p
 
 
@@ -315,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         0 if every worker succeeded, 1 if some failed (the report is still written),
         2 on a usage error.
     """
+    given = sys.argv[1:] if argv is None else list(argv)
+    if "--out-of-core" in given:  # a separate benchmark with its own options
+        from . import _outofcore
+
+        return _outofcore.main([a for a in given if a != "--out-of-core"])
     args = build_parser().parse_args(argv)
     if args.list:
         for layer in _suite.load_suite(args.suite):
