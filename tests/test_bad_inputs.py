@@ -195,13 +195,6 @@ def test_module_forward_errors_name_the_problem():
 # ---- NaN and Inf ------------------------------------------------------------------------------
 #: Known deviations from IEEE propagation, (scenario, algorithm) -> reason. Reported in issue 6.
 NONFINITE_BUGS: dict = {}
-# Winograd's input/weight transforms mix every sample of a tile: one Inf/NaN input makes
-# the whole output tile (and an Inf weight every output) NaN.
-for _s in ("nan_input", "inf_input", "neg_inf_weight"):
-    NONFINITE_BUGS[(_s, "winograd")] = (
-        "Winograd transforms spread a non-finite sample to every output of its tile "
-        "(Inf becomes NaN); the chooser should fall back for non-finite data"
-    )
 
 
 def _nonfinite_scenarios():

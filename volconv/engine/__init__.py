@@ -15,6 +15,9 @@ name            used for
 ==============  =================================================================
 ``depthwise``   grouped layers with <= 16 channels per group (depthwise first of
                 all), with numba: direct loops, both gradients too
+``winograd``    dense 3x3x3 stride-1 layers with enough channels, with numba:
+                F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2); weight
+                gradient by the GEMM family
 ``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
                 GEMM per kernel tap on a shifted window, no unfolding
 ``im2col``      everything else: unfolded slabs under the workspace cap, groups
@@ -31,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import config
-from . import depthwise, hwunfold, im2col, tapgemm
+from . import _autotune, depthwise, hwunfold, im2col, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
 
 ALGORITHMS = {
@@ -39,6 +42,7 @@ ALGORITHMS = {
     tapgemm.NAME: tapgemm,
     depthwise.NAME: depthwise,
     hwunfold.NAME: hwunfold,
+    winograd.NAME: winograd,
 }
 
 __all__ = [
@@ -61,6 +65,11 @@ def algorithms() -> list[str]:
 def _supports(name: str, geom: ConvGeometry) -> bool:
     module = ALGORITHMS[name]
     return getattr(module, "supports", lambda g: True)(geom)
+
+
+def _with(method: str) -> list[str]:
+    """Reproducible algorithms that implement ``method`` themselves (autotune candidates)."""
+    return [n for n, m in ALGORITHMS.items() if hasattr(m, method) and reproducible(n)]
 
 
 def reproducible(name: str) -> bool:
@@ -98,6 +107,14 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
     # Depthwise / few channels per group: too little work per output for a GEMM.
     if depthwise.supports(geom) and geom.G > 1:
         return depthwise.NAME
+    # Dense 3x3x3 stride-1 layers with enough channels: 3.4-8x fewer multiplications.
+    if winograd.prefer(geom, dtype):
+        return winograd.NAME
+    return _preferred_gemm(geom)
+
+
+def _preferred_gemm(geom: ConvGeometry) -> str:
+    """The GEMM-family pick (also Winograd's weight gradient, which it delegates)."""
     # Per-tap GEMM needs K = C large enough for BLAS to run well, and little junk fringe.
     if tapgemm.supports(geom) and geom.C >= 16 and tapgemm.waste(geom) < 1.35:
         return tapgemm.NAME
@@ -113,7 +130,31 @@ def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
         return np.zeros(geom.out_shape, dtype=x.dtype)
     if geom.C == 0:
         return np.zeros(geom.out_shape, dtype=x.dtype)
-    return ALGORITHMS[choose(geom, x.dtype)].forward(x, w, geom)
+    finite = None  # computed only if an algorithm that needs finite data comes up
+
+    def allowed(name: str) -> bool:
+        nonlocal finite
+        if not getattr(ALGORITHMS[name], "FINITE_ONLY", False):
+            return True
+        if finite is None:
+            finite = _all_finite(x) and _all_finite(w)
+        return finite
+
+    if _autotune.active():
+        names = [n for n in ALGORITHMS if _supports(n, geom) and reproducible(n) and allowed(n)]
+        return _autotune.run(
+            "forward", geom, x.dtype, names, lambda n: ALGORITHMS[n].forward(x, w, geom)
+        )
+    name = choose(geom, x.dtype)
+    if not allowed(name):  # keep IEEE propagation of Inf/NaN exact
+        name = _preferred_gemm(geom)
+    return ALGORITHMS[name].forward(x, w, geom)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """One pass, no temporary: a float64 sum is non-finite iff some element is
+    (finite float32 values cannot overflow a float64 sum)."""
+    return bool(np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)))
 
 
 def transposed_geometry(geom: ConvGeometry) -> ConvGeometry:
@@ -146,6 +187,11 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
         return np.zeros(geom.in_shape, dtype=dy.dtype)
     if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME:
         return conv3d_forward(dy, flip_weight(w), transposed_geometry(geom))
+    if _autotune.active():
+        names = [n for n in _with("backward_input") if _supports(n, geom)]
+        return _autotune.run(
+            "input", geom, dy.dtype, names, lambda n: ALGORITHMS[n].backward_input(dy, w, geom)
+        )
     algorithm = ALGORITHMS[choose(geom, dy.dtype)]
     if hasattr(algorithm, "backward_input"):
         return algorithm.backward_input(dy, w, geom)
@@ -156,5 +202,10 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     """Gradient with respect to the grouped weight, shape ``geom.w_shape``."""
     if geom.N == 0 or geom.C == 0 or geom.O == 0:
         return np.zeros(geom.w_shape, dtype=x.dtype)
+    if _autotune.active():
+        names = [n for n in _with("backward_weight") if _supports(n, geom)]
+        return _autotune.run(
+            "weight", geom, x.dtype, names, lambda n: ALGORITHMS[n].backward_weight(x, dy, geom)
+        )
     name = choose(geom, x.dtype)
     return ALGORITHMS[name].backward_weight(x, dy, geom)

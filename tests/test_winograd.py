@@ -1,0 +1,238 @@
+"""Winograd F(4x4x4, 3x3x3) / F(2, 3) convolution (``volconv.engine.winograd``).
+
+Forward against the float64 oracle with a *measured* error bound: Winograd's error is
+``c * eps * sqrt(K) * max|y|`` (``K = C * 27``), where direct summation gives c ~ 0.1.
+Measured over 60 random geometries (C = 1..64, pads 0..2, odd sizes, both dtypes):
+F(4, 3) c <= 6.0 (<= 1.5 from C = 16 up; the tensor-product transforms amplify rounding
+by a constant, so the smallest K are worst), F(2, 3) c <= 0.54. The tests allow
+``C_F4 = 12`` and ``C_F2 = 2``. The input gradient (the forward on the engine's
+transposed geometry, negative pads included) is checked against im2col's, the weight
+gradient's delegation, the chooser's pick and the workspace cap.
+"""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import volconv
+from volconv import engine
+from volconv.engine import winograd
+from volconv.engine._args import conv_geometry
+from volconv.engine.reference import conv3d_reference
+
+pytestmark = pytest.mark.skipif(not winograd._numba_available(), reason="numba is not installed")
+
+#: Allowed error constants (see the module docstring for the measured values).
+C_F4 = 12.0
+C_F2 = 2.0
+
+
+def _geometry(x_shape, out_channels, pads):
+    C = x_shape[1]
+    pads = tuple((p, p) if isinstance(p, int) else p for p in pads)
+    return conv_geometry(x_shape, (1, out_channels, C, 3, 3, 3), (1, 1, 1), pads, (1, 1, 1), 1)
+
+
+def _data(rng, geom, dtype):
+    x = rng.standard_normal(geom.in_shape).astype(dtype)
+    w = rng.standard_normal(geom.w_shape).astype(dtype)
+    return x, w
+
+
+def _rel_error(y, ref, geom, dtype):
+    """``max|y - ref| / (eps * sqrt(K) * max|ref|)``: the constant c of the bound."""
+    scale = float(np.finfo(dtype).eps) * np.sqrt(geom.reduction) * float(np.abs(ref).max())
+    return float(np.abs(y - ref).max()) / max(scale, 1e-300)
+
+
+@pytest.fixture
+def tile():
+    """Force one Winograd tile size for a test and restore the automatic choice."""
+    saved = winograd.FORCE_TILE
+
+    def force(m):
+        winograd.FORCE_TILE = m
+
+    yield force
+    winograd.FORCE_TILE = saved
+
+
+# x shape (N, C, D, H, W), out channels, pads per axis (int or (lo, hi))
+CASES = [
+    ("odd_pad1", (1, 3, 5, 6, 7), 4, (1, 1, 1)),
+    ("n2_pad0", (2, 8, 9, 10, 11), 5, (0, 0, 0)),
+    ("pad2_medium", (1, 16, 3, 5, 4), 16, (2, 2, 2)),
+    ("mixed_pads", (2, 5, 6, 7, 9), 3, (0, 1, 2)),
+    ("depth2_mixed_tiles", (2, 24, 2, 9, 7), 17, (1, 1, 1)),  # F(2) on D, F(4) on H, W
+    ("one_voxel", (1, 4, 1, 1, 1), 3, (1, 1, 1)),
+    ("medium_channels", (1, 40, 6, 6, 6), 36, (1, 1, 1)),
+    # negative pads crop, as in the engine's transposed geometries
+    ("negative_pads", (1, 6, 7, 8, 9), 5, ((-1, 2), (2, -1), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [None, 2], ids=["auto", "F2"])
+@pytest.mark.parametrize(("name", "x_shape", "O", "pads"), CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(algorithm, tile, rng, name, x_shape, O, pads, m, dtype):
+    geom = _geometry(x_shape, O, pads)
+    algorithm("winograd")
+    tile(m)
+    assert engine.choose(geom, np.dtype(dtype)) == "winograd"
+    x, w = _data(rng, geom, dtype)
+    y = engine.conv3d_forward(x, w, geom)
+    ref = conv3d_reference(x, w, geom)
+    assert y.dtype == dtype and y.shape == ref.shape
+    c = _rel_error(y, ref, geom, dtype)
+    assert c <= (C_F2 if m == 2 else C_F4), f"error constant {c:.3f}"
+
+
+def test_f4_error_at_realistic_width(rng):
+    """C = 64 (K = 1728): F(4, 3) in float32 stays within 3 eps sqrt(K) max|y| (measured
+    ~1), i.e. ~1.5e-5 relative to max|y|, against ~1e-6 for the GEMM algorithms."""
+    geom = _geometry((1, 64, 8, 8, 8), 32, (1, 1, 1))
+    x, w = _data(rng, geom, np.float32)
+    assert winograd.tile_sizes(geom) == (4, 4, 4)
+    c = _rel_error(winograd.forward(x, w, geom), conv3d_reference(x, w, geom), geom, np.float32)
+    assert c <= 3.0, f"error constant {c:.3f}"
+
+
+def test_matrices_are_a_winograd_identity(rng):
+    """A^T [(G g) * (B^T d)] is the 3-tap correlation of d with g, for both tile sizes."""
+    for m in (2, 4):
+        BT, G, AT = winograd.matrices(m)
+        d, g = rng.standard_normal(m + 2), rng.standard_normal(3)
+        direct = np.array([d[i : i + 3] @ g for i in range(m)])
+        np.testing.assert_allclose(AT @ ((G @ g) * (BT @ d)), direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_input_gradient_through_transposed_geometry(algorithm, rng, pad):
+    """Stride-1 dx is a forward on the transposed geometry (pads 2 - p, negative for
+    p = 3); with Winograd forced it must match im2col's col2im in float64."""
+    geom = _geometry((2, 6, 5, 7, 6), 7, (pad, pad, pad))
+    x, w = _data(rng, geom, np.float64)
+    dy = rng.standard_normal(geom.out_shape)
+    algorithm("winograd")
+    assert engine.choose(engine.transposed_geometry(geom), np.dtype(np.float64)) == "winograd"
+    dx = engine.conv3d_backward_input(dy, w, geom)
+    algorithm("im2col")
+    expected = engine.conv3d_backward_input(dy, w, geom)
+    np.testing.assert_allclose(dx, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_weight_gradient_delegates(algorithm, rng):
+    geom = _geometry((2, 16, 6, 5, 7), 8, (1, 1, 1))
+    x, _ = _data(rng, geom, np.float64)
+    dy = rng.standard_normal(geom.out_shape)
+    algorithm("winograd")
+    dw = engine.conv3d_backward_weight(x, dy, geom)
+    algorithm("im2col")
+    expected = engine.conv3d_backward_weight(x, dy, geom)
+    np.testing.assert_allclose(dw, expected, rtol=1e-10, atol=1e-10 * np.abs(expected).max())
+
+
+def test_small_workspace_cap(workspace, rng):
+    """A 1 MiB cap: blocks of one tile row (or a few), same results, and neither the
+    planned workspace nor what numpy allocates besides the output exceeds the cap."""
+    cap = 1 << 20
+    workspace(cap)
+    geom = _geometry((2, 16, 9, 13, 11), 24, (1, 1, 1))
+    plan = winograd._plan(geom, 4, winograd._threads())
+    assert plan is not None and plan[-1] < plan[3]  # several blocks
+    assert winograd.workspace_bytes(geom, 4, winograd._threads()) <= cap
+    x, w = _data(rng, geom, np.float32)
+    winograd.forward(x, w, geom)  # compile / load the kernels outside the measurement
+    tracemalloc.start()
+    try:
+        y = winograd.forward(x, w, geom)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - y.nbytes <= cap
+    c = _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32)
+    assert c <= C_F4
+
+
+def test_output_channel_chunks(workspace, rng):
+    """When U does not fit half the cap, output channels go in chunks."""
+    geom = _geometry((1, 32, 4, 5, 6), 80, (1, 1, 1))
+    workspace(3 << 20)
+    plan = winograd._plan(geom, 4, winograd._threads())
+    assert plan is not None and plan[6] < plan[5]  # ob < Op
+    x, w = _data(rng, geom, np.float32)
+    c = _rel_error(winograd.forward(x, w, geom), conv3d_reference(x, w, geom), geom, np.float32)
+    assert c <= C_F4
+
+
+def test_chooser(algorithm):
+    algorithm(None)
+    f32 = np.dtype(np.float32)
+    c3d_conv3a = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
+    assert engine.choose(c3d_conv3a, f32) == "winograd"
+    # its input gradient (pads 1, channels swapped) too
+    assert engine.choose(engine.transposed_geometry(c3d_conv3a), f32) == "winograd"
+    assert engine.choose(_geometry((1, 32, 64, 64, 64), 64, (1, 1, 1)), f32) == "winograd"
+    # not Winograd: a first layer, dilation 2, stride 2, groups
+    assert engine.choose(_geometry((2, 3, 16, 112, 112), 64, (1, 1, 1)), f32) != "winograd"
+    dilated = conv_geometry((1, 32, 9, 9, 9), (1, 32, 32, 3, 3, 3), (1, 1, 1), ((2, 2),) * 3,
+                            (2, 2, 2), 1)  # fmt: skip
+    strided = conv_geometry((1, 32, 9, 9, 9), (1, 32, 32, 3, 3, 3), (2, 2, 2), ((1, 1),) * 3,
+                            (1, 1, 1), 1)  # fmt: skip
+    grouped = conv_geometry((1, 32, 9, 9, 9), (2, 16, 16, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3,
+                            (1, 1, 1), 2)  # fmt: skip
+    for geom in (dilated, strided, grouped):
+        assert not winograd.supports(geom)
+        assert engine.choose(geom, f32) != "winograd"
+    # too few tiles for the 128-256 channel GEMMs to amortise U
+    assert engine.choose(_geometry((8, 256, 4, 4, 4), 256, (1, 1, 1)), f32) != "winograd"
+
+
+def test_without_numba_falls_back(algorithm, monkeypatch):
+    monkeypatch.setattr(winograd, "_HAVE_NUMBA", False)
+    geom = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
+    assert not winograd.supports(geom)
+    algorithm("winograd")  # forced but unsupported: the chooser decides
+    assert engine.choose(geom, np.dtype(np.float32)) != "winograd"
+
+
+def test_through_the_public_api(algorithm, rng):
+    """volconv.functional's conv3d with Winograd forced, float32."""
+    algorithm("winograd")
+    x = rng.standard_normal((1, 8, 6, 7, 5)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3, 3)).astype(np.float32)
+    y = volconv.functional.conv3d(volconv.tensor(x), volconv.tensor(w), padding=1).numpy()
+    geom = _geometry(x.shape, 6, (1, 1, 1))
+    ref = conv3d_reference(x, w.reshape(geom.w_shape), geom)
+    assert _rel_error(y, ref, geom, np.float32) <= C_F4
+
+
+def test_threads_give_the_serial_result_bitwise(algorithm, rng):
+    """Four Python threads through the public API (the engine lock serialises the
+    calls; the transform workers and their shared pool must not mix them up)."""
+    algorithm("winograd")
+    x = rng.standard_normal((2, 16, 6, 9, 7)).astype(np.float32)
+    w = rng.standard_normal((12, 16, 3, 3, 3)).astype(np.float32)
+    serial = volconv.functional.conv3d(x, w, padding=1).numpy()
+    out, errors = {}, []
+
+    def worker(t):
+        try:
+            for k in range(3):
+                out[(t, k)] = volconv.functional.conv3d(x, w, padding=1).numpy()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors
+    assert len(out) == 12
+    for y in out.values():
+        np.testing.assert_array_equal(y, serial)

@@ -1,0 +1,646 @@
+"""Winograd convolution for dense 3x3x3, stride-1, dilation-1 layers.
+
+The maths
+---------
+A 1-D Winograd filter ``F(m, 3)`` computes ``m`` outputs of a 3-tap correlation
+from an input tile of ``alpha = m + 2`` samples with ``alpha`` multiplications
+instead of ``3m``:
+
+    y = A^T [ (G g) * (B^T d) ]              (``*`` elementwise)
+
+with ``d`` the input tile and ``g`` the 3 taps. The matrices come from Toom-Cook
+interpolation at ``alpha - 1`` points plus infinity.
+
+F(2, 3), alpha = 4, points 0, 1, -1, inf::
+
+    B^T = [1  0 -1  0]     G = [ 1    0    0 ]     A^T = [1  1  1  0]
+          [0  1  1  0]         [1/2  1/2  1/2]           [0  1 -1 -1]
+          [0 -1  1  0]         [1/2 -1/2  1/2]
+          [0  1  0 -1]         [ 0    0    1 ]
+
+F(4, 3), alpha = 6, points 0, 1, -1, 1/2, -2, inf::
+
+    B^T = [1 -3/2  -2   3/2  1   0]   G = [  1      0      0  ]   A^T = [1 1  1  1    1  0]
+          [0  -1   1/2  5/2  1   0]       [ 1/3    1/3    1/3 ]         [0 1 -1  1/2 -2  0]
+          [0   1  -5/2  1/2  1   0]       [-1/3    1/3   -1/3 ]         [0 1  1  1/4  4  0]
+          [0  -2   -1    2   1   0]       [-16/15 -8/15 -4/15 ]         [0 1 -1  1/8 -8  1]
+          [0  1/2  -1  -1/2  1   0]       [ 1/15  -2/15  4/15 ]
+          [0   1  -3/2  -2  3/2  1]       [  0      0      1  ]
+
+Why these points: Lavin & Gray's 0, +-1, +-2 put a 5 and a 4 in B^T and an 8 in A^T;
+swapping +2 for +1/2 (Barabasz et al., "Error analysis and improving the accuracy of
+Winograd convolution", 2020) gives 4-5x smaller float32 errors here (measured: max
+error 6e-6 instead of 3.3e-5 relative to max|y| at C = 64), at the same cost. Every
+B^T and A^T entry is exact in binary, so the input and output transforms round only
+in their additions; G (the weight transform, once per call) is applied in float64.
+
+In 3-D the transforms are tensor products, applied one axis at a time. With one
+``F(m_a, 3)`` per axis ``a``, an ``m_d x m_h x m_w`` output tile is
+
+    Y_o = (A_d^T (x) A_h^T (x) A_w^T) [ sum_c U_{o,c} * V_c ]
+    U_{o,c} = (G_d (x) G_h (x) G_w) w_{o,c}          (weight transform, once per call)
+    V_c     = (B_d^T (x) B_h^T (x) B_w^T) d_c        (input transform, per tile)
+
+and the channel sum at each of the ``P = alpha_d*alpha_h*alpha_w`` transformed positions
+``p`` is one GEMM over the tiles of a block: ``M[p] (T x O) = V[p] (T x C) @ U[p] (C x O)``.
+
+Multiplications per output: 27 direct, ``P / (m_d m_h m_w)`` Winograd: 64/8 = 8 for
+F(2^3, 3^3) (3.4x fewer), 216/64 = 3.375 for F(4^3, 3^3) (8x fewer). The GEMMs run
+at the BLAS rate, so the *effective* rate (direct flops / time) can pass the machine's
+GEMM peak. F(4) is the default: with F(2) the transforms and the 2.4x larger V and M
+per output cost more than the GEMMs save (measured 1.35-2.1x slower than F(4) on the
+suite's 3x3x3 layers), although it is as accurate as direct GEMM: max error ~5e-7
+against ~1e-5 relative to max|y| for F(4) at C = 128 (both bounded in
+``tests/test_winograd.py``). Per axis ``m = 4``, except ``m = 2`` where the output
+extent is <= 2 (4 transformed points instead of 6, e.g. C3D conv5a's depth 2).
+
+Implementation
+--------------
+Three numba kernels (``nogil``, run on ``numba.get_num_threads()`` Python threads that
+take work items from a shared counter) and numpy's batched matmul:
+
+- weight: ``U (P, C, Ob)``, one item per input channel, all output channels as lanes;
+- input: ``V (P, T, C)`` for a block of tile rows. An item is a few tiles of one tile
+  row with *all channels as the vector lanes*: the window is gathered channel-innermost
+  straight from ``x`` (padding and the engine's negative pads by bounds checks; the
+  input is never padded or copied whole), then B^T along D, H and W, each one long
+  unit-stride loop (W rows are phase-split so that the W step is unit-stride too), and
+  written as contiguous ``V[p, t, :]`` runs;
+- GEMM: ``np.matmul(V, U) -> M (P, T, Ob)``, P GEMMs per block;
+- output: the mirror image, A^T along W, H, D, then into ``y`` (cropped).
+
+Tile rows are processed in blocks sized so that ``U + V + M`` and the threads' scratch
+stay under ``volconv.config.workspace_bytes`` (and near ``BLOCK_TARGET_BYTES``); when
+``U`` alone passes half the cap, output channels go in chunks (the chooser then prefers
+the GEMM algorithms). Without numba :func:`supports` is False: per-position numpy
+transforms measured slower than the GEMM algorithms.
+
+The weight gradient is delegated to the GEMM family (``engine._preferred_gemm``).
+Non-finite inputs spread through a tile's transforms (an Inf becomes NaN in every
+output of its tile), unlike direct convolution.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import config
+from ._args import ConvGeometry
+
+NAME = "winograd"
+#: The transforms mix every sample of a tile, so one Inf/NaN would spread to the whole
+#: tile (Inf becoming NaN); the engine falls back to a GEMM algorithm for such data.
+FINITE_ONLY = True
+
+#: Channels per transform work item: the SIMD lanes of the transforms. C and O are
+#: padded up to a multiple of CB inside the workspace (zero lanes).
+CB = 16
+#: Target bytes of one thread's transform scratch (sets the tiles per work item).
+SCRATCH_TARGET = 1536 << 10
+#: Target bytes of one block's transformed input + output (V + M). Smaller blocks keep
+#: them in cache; bigger ones make fewer, fatter GEMMs and re-read U less often.
+BLOCK_TARGET_BYTES = 24 << 20
+#: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
+MIN_BLOCK_TILES = 64
+#: Tasks per thread for the transforms (a preempted thread hands work to the other).
+TASKS_PER_THREAD = 4
+#: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
+FORCE_TILE: int | None = None
+
+_BT = {
+    2: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+    4: [
+        [1, -3 / 2, -2, 3 / 2, 1, 0],
+        [0, -1, 1 / 2, 5 / 2, 1, 0],
+        [0, 1, -5 / 2, 1 / 2, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 1 / 2, -1, -1 / 2, 1, 0],
+        [0, 1, -3 / 2, -2, 3 / 2, 1],
+    ],
+}
+_G = {
+    2: [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+    4: [
+        [1, 0, 0],
+        [1 / 3, 1 / 3, 1 / 3],
+        [-1 / 3, 1 / 3, -1 / 3],
+        [-16 / 15, -8 / 15, -4 / 15],
+        [1 / 15, -2 / 15, 4 / 15],
+        [0, 0, 1],
+    ],
+}
+_AT = {
+    2: [[1, 1, 1, 0], [0, 1, -1, -1]],
+    4: [
+        [1, 1, 1, 1, 1, 0],
+        [0, 1, -1, 1 / 2, -2, 0],
+        [0, 1, 1, 1 / 4, 4, 0],
+        [0, 1, -1, 1 / 8, -8, 1],
+    ],
+}
+
+
+def matrices(m: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(B^T, G, A^T)`` of ``F(m, 3)`` for ``m`` in (2, 4); the kernels hard-code B^T, A^T."""
+    return (
+        np.array(_BT[m], dtype=dtype),
+        np.array(_G[m], dtype=dtype),
+        np.array(_AT[m], dtype=dtype),
+    )
+
+
+# ------------------------------------------------------------------ support and planning
+
+_HAVE_NUMBA: bool | None = None
+
+
+def _numba_available() -> bool:
+    """Whether numba imports; tried on the first call that needs it (import costs ~0.4 s)."""
+    global _HAVE_NUMBA
+    if _HAVE_NUMBA is None:
+        try:  # a numba too old for this numpy raises ImportError: treat it as absent
+            import numba  # noqa: F401
+        except Exception:
+            _HAVE_NUMBA = False
+        else:
+            _HAVE_NUMBA = True
+    return _HAVE_NUMBA
+
+
+def supports(geom: ConvGeometry) -> bool:
+    """Dense 3x3x3, stride 1, dilation 1, numba, and a workspace cap that holds one tile
+    row (planned for float64)."""
+    return (
+        geom.G == 1
+        and geom.kernel == (3, 3, 3)
+        and geom.stride == (1, 1, 1)
+        and geom.dilation == (1, 1, 1)
+        and _numba_available()
+        and _plan(geom, 8, _threads()) is not None
+    )
+
+
+#: The chooser prefers Winograd when both channel counts fill most of the CB vector
+#: lanes, the transformed weight U fits the cap whole (no output-channel chunks, which
+#: would redo the input transform per chunk) and there are enough tiles to amortise
+#: writing and reading U. Measured (2 threads, against the GEMM algorithms): 1.1-6x
+#: faster from C = O = 8 up (C3D conv3a, U-Net 16^3 and 64^3 levels: 2x), slower on
+#: 1-3 input channels (lanes mostly padding), on 8 tiles with 128-256 channels (0.4-0.6x)
+#: and on C3D conv5a (2x7x7, 512 channels: U is 150-230 MB).
+MIN_CHANNELS = 8
+MIN_TILES = 32
+
+
+def prefer(geom: ConvGeometry, dtype) -> bool:
+    """Whether the chooser should take Winograd for this geometry (see MIN_CHANNELS)."""
+    if min(geom.C, geom.O) < MIN_CHANNELS or not supports(geom):
+        return False
+    plan = _plan(geom, np.dtype(dtype).itemsize, _threads())
+    if plan is None:
+        return False
+    _, (_, _, TW), _, rows, _, Op, ob, _ = plan
+    return ob == Op and rows * TW >= MIN_TILES
+
+
+def tile_sizes(geom: ConvGeometry) -> tuple[int, int, int]:
+    """Output tile size per axis: 4, or 2 where the output extent is <= 2 (there F(2, 3)
+    covers the axis with 4 transformed points instead of 6)."""
+    if FORCE_TILE is not None:
+        return (FORCE_TILE,) * 3
+    return tuple(2 if n <= 2 else 4 for n in geom.spatial_out)  # type: ignore[return-value]
+
+
+def _threads() -> int:
+    """numba's thread count (the transform workers); numba must be importable."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scratch_elems(ms, Cp: int, ob: int, tiles_in: int, tiles_out: int) -> tuple:
+    """Elements of one thread's scratch in the weight (float64: counted twice), input
+    and output transforms."""
+    ad, ah, aw = (m + 2 for m in ms)
+    mh, mw = ms[1], ms[2]
+    wgt = (27 + 2 * (ad * 9 + ad * ah * 3 + aw)) * ob
+    inp = 2 * ad * ah * mw * (tiles_in + 1) * Cp
+    out = (ad * ah * mw + ad * mh * mw + mw) * tiles_out * ob
+    return wgt, inp, out
+
+
+def _plan(geom: ConvGeometry, itemsize: int, threads: int):
+    """Blocking such that everything this algorithm allocates fits ``workspace_bytes``:
+    ``U (P, Cp, Ob)``, ``V (P, T, Cp)``, ``M (P, T, Ob)`` and the threads' scratch.
+    Returns ``(tile sizes, tile grid, W tiles per input / output item, tile rows, Cp,
+    Op, O chunk Ob, tile rows per block)``, or None when not even one tile row fits."""
+    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
+        return None  # empty: the engine answers without an algorithm
+    ms = tile_sizes(geom)
+    ad, ah, aw = (m + 2 for m in ms)
+    P = ad * ah * aw
+    TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
+    rows = geom.N * TD * TH
+    Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
+    cap = config.workspace_bytes
+    # All of O when U takes at most half the cap, else the largest CB-multiple that does.
+    ob = Op
+    if P * Cp * Op * itemsize > cap // 2:
+        ob = (cap // 2) // (P * Cp * itemsize) // CB * CB
+        if ob < CB:
+            return None
+    wgt, inp, out = _scratch_elems(ms, Cp, ob, 1, 1)
+    tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp // 2) - 1))
+    tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * out)))
+    scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
+    room = cap - scratch - P * Cp * ob * itemsize
+    per_row = P * (Cp + ob) * TW * itemsize
+    if room < per_row:
+        return None
+    rb = min(rows, room // per_row, max(1, BLOCK_TARGET_BYTES // per_row))
+    rb = max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row))
+    return ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, int(rb)
+
+
+def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
+    """Bytes this algorithm allocates besides its input, weight and output."""
+    plan = _plan(geom, itemsize, threads)
+    if plan is None:
+        raise ValueError("winograd: the workspace cap cannot hold one tile row")
+    ms, grid, (tin, tout), rows, Cp, Op, ob, rb = plan
+    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    tb = rb * grid[2]
+    scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
+    return scratch + itemsize * (P * Cp * ob + P * tb * (Cp + ob))
+
+
+# ----------------------------------------------------------------- kernels (numba)
+#
+# Plain Python here, wrapped in ``numba.njit(nogil=True, cache=True)`` on first use
+# (:func:`_kernels`). The 1-D transforms are hard-coded as ``dst[i, k] = sum_j T[i, j] *
+# src_j[k]`` over one long unit-stride loop with all alpha sources in registers, which
+# LLVM vectorises (a loop over a generic matrix would make alpha passes over memory).
+# Constants are float32 so that float32 data stays float32 (a float64 or int literal
+# promotes the expression); all of them are exact in binary.
+#
+# The vector lanes are channels: all ``Cp`` input channels (input transform) or all
+# ``Ob`` output channels (output transform) of a few tiles, so the GEMM operands
+# ``V[p, t, :]`` / ``M[p, t, :]`` are read and written in long contiguous runs.
+# W rows are stored *phase-split*: sample ``m*tq + ph`` of a row at ``[ph, tq]``, so
+# that tile ``tw``'s alpha samples ``m*tw + j`` sit in phase row ``j % m`` at tile
+# ``tw + j // m``: one unit-stride loop over (tile, lane) again.
+
+_H, _Q, _E = np.float32(0.5), np.float32(0.25), np.float32(0.125)
+_1H, _2, _2H = np.float32(1.5), np.float32(2.0), np.float32(2.5)
+_4, _8 = np.float32(4.0), np.float32(8.0)
+_THIRD, _FIFTEENTH = 1.0 / 3.0, 1.0 / 15.0  # float64: the weight transform's arithmetic
+
+
+def _bt4(src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
+    """B^T of F(4, 3): ``dst[dr + i, do + k]`` from source rows ``j``: ``src[sr + j, so + k]``
+    for ``j < R``, else ``src[sr + j - R, so + L + k]`` (the phase-split W rows)."""
+    r4, o4 = (sr + 4, so) if R > 4 else (sr, so + L)
+    r5, o5 = (sr + 5, so) if R > 5 else (sr + 1, so + L)
+    for k in range(K):
+        d0, d1 = src[sr, so + k], src[sr + 1, so + k]
+        d2, d3 = src[sr + 2, so + k], src[sr + 3, so + k]
+        d4, d5 = src[r4, o4 + k], src[r5, o5 + k]
+        dst[dr, do + k] = d0 - _1H * d1 - _2 * d2 + _1H * d3 + d4
+        dst[dr + 1, do + k] = -d1 + _H * d2 + _2H * d3 + d4
+        dst[dr + 2, do + k] = d1 - _2H * d2 + _H * d3 + d4
+        dst[dr + 3, do + k] = -_2 * d1 - d2 + _2 * d3 + d4
+        dst[dr + 4, do + k] = _H * d1 - d2 - _H * d3 + d4
+        dst[dr + 5, do + k] = d1 - _1H * d2 - _2 * d3 + _1H * d4 + d5
+
+
+def _bt2(src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
+    """B^T of F(2, 3), addressed like :func:`_bt4`."""
+    r2, o2 = (sr + 2, so) if R > 2 else (sr, so + L)
+    r3, o3 = (sr + 3, so) if R > 3 else (sr + 1, so + L)
+    for k in range(K):
+        d0, d1 = src[sr, so + k], src[sr + 1, so + k]
+        d2, d3 = src[r2, o2 + k], src[r3, o3 + k]
+        dst[dr, do + k] = d0 - d2
+        dst[dr + 1, do + k] = d1 + d2
+        dst[dr + 2, do + k] = d2 - d1
+        dst[dr + 3, do + k] = d1 - d3
+
+
+def _bt(m, src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
+    if m == 4:
+        _bt4(src, sr, so, R, L, dst, dr, do, K)
+    else:
+        _bt2(src, sr, so, R, L, dst, dr, do, K)
+
+
+def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
+    """A^T of F(m, 3): ``dst[dr + i, do + k]`` from ``src[sr + j, so + k]``."""
+    if m == 4:
+        for k in range(K):
+            m0, m1, m2 = src[sr, so + k], src[sr + 1, so + k], src[sr + 2, so + k]
+            m3, m4, m5 = src[sr + 3, so + k], src[sr + 4, so + k], src[sr + 5, so + k]
+            dst[dr, do + k] = m0 + m1 + m2 + m3 + m4
+            dst[dr + 1, do + k] = m1 - m2 + _H * m3 - _2 * m4
+            dst[dr + 2, do + k] = m1 + m2 + _Q * m3 + _4 * m4
+            dst[dr + 3, do + k] = m1 - m2 + _E * m3 - _8 * m4 + m5
+    else:
+        for k in range(K):
+            m0, m1 = src[sr, so + k], src[sr + 1, so + k]
+            m2, m3 = src[sr + 2, so + k], src[sr + 3, so + k]
+            dst[dr, do + k] = m0 + m1 + m2
+            dst[dr + 1, do + k] = m1 - m2 - m3
+
+
+def _g(m, s0, s1, s2, dst, K):  # pragma: no cover - compiled
+    """``dst[i, k] = (G (s0, s1, s2)[k])[i]`` in float64 (G of F(m, 3), hard-coded)."""
+    if m == 4:
+        for k in range(K):
+            g0, g1, g2 = np.float64(s0[k]), np.float64(s1[k]), np.float64(s2[k])
+            dst[0, k] = g0
+            dst[1, k] = (g0 + g1 + g2) * _THIRD
+            dst[2, k] = (g1 - g0 - g2) * _THIRD
+            dst[3, k] = (-16.0 * g0 - 8.0 * g1 - 4.0 * g2) * _FIFTEENTH
+            dst[4, k] = (g0 - 2.0 * g1 + 4.0 * g2) * _FIFTEENTH
+            dst[5, k] = g2
+    else:
+        for k in range(K):
+            g0, g1, g2 = np.float64(s0[k]), np.float64(s1[k]), np.float64(s2[k])
+            dst[0, k] = g0
+            dst[1, k] = 0.5 * (g0 + g1 + g2)
+            dst[2, k] = 0.5 * (g0 - g1 + g2)
+            dst[3, k] = g2
+
+
+def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
+    """``U[p, c, j] = ((Gd (x) Gh (x) Gw) w[o0 + j, c])[p]``, zero for ``c >= C`` or
+    ``o0 + j >= O``; computed in float64 and rounded once. An item is one channel ``c``
+    with all output channels of the chunk as the vector lanes."""
+    O, C = w.shape[0], w.shape[1]
+    md, mh, mw = ms[0], ms[1], ms[2]
+    ad, ah, aw = md + 2, mh + 2, mw + 2
+    Cp, K = U.shape[1], U.shape[2]
+    no = max(0, min(K, O - o0))
+    w27 = np.zeros((27, K), dtype=U.dtype)
+    t1 = np.empty((9, ad, K))  # [(b, e), iz]
+    t2 = np.empty((ad, 3, ah, K))  # [iz, e, iy]
+    t3 = np.empty((aw, K))
+    for c in range(task * Cp // ntasks, (task + 1) * Cp // ntasks):
+        if c >= C:
+            for p in range(U.shape[0]):
+                for j in range(K):
+                    U[p, c, j] = 0
+            continue
+        for j in range(no):  # transpose w[o0:o0+no, c]
+            for k in range(27):
+                w27[k, j] = w[o0 + j, c, k]
+        for be in range(9):  # along D: tap (a, b, e) is row a*9 + be
+            _g(md, w27[be], w27[9 + be], w27[18 + be], t1[be], K)
+        for iz in range(ad):  # along H
+            for e in range(3):
+                _g(mh, t1[e, iz], t1[3 + e, iz], t1[6 + e, iz], t2[iz, e], K)
+        for iz in range(ad):  # along W, rounded into U
+            for iy in range(ah):
+                _g(mw, t2[iz, 0, iy], t2[iz, 1, iy], t2[iz, 2, iy], t3, K)
+                p0 = (iz * ah + iy) * aw
+                for iw in range(aw):
+                    for j in range(K):
+                        U[p0 + iw, c, j] = t3[iw, j]
+
+
+def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compiled
+    """Items ``[task*items//ntasks, (task+1)*items//ntasks)`` of the input transform.
+
+    ``V[p, t, c]`` is the transformed input of the tile rows ``r0 <= r < r1`` (flat over
+    N, TD, TH): column ``t`` is tile ``(r0 + t // TW, t % TW)``; lanes ``c >= C`` are 0.
+    An item is ``twc`` tiles of one tile row, all channels being the vector lanes.
+    """
+    N, C, D, H, W = x.shape
+    TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
+    ad, ah, aw = md + 2, mh + 2, mw + 2
+    P, T, L = V.shape
+    V2 = V.reshape(P, T * L)
+    nwc = (TW + twc - 1) // twc
+    items = (r1 - r0) * nwc
+    Smax = mw * (twc + 1) * L
+    Abuf = np.empty(ad * ah * Smax, dtype=V.dtype)
+    Bbuf = np.empty(ad * ah * Smax, dtype=V.dtype)
+    for it in range(task * items // ntasks, (task + 1) * items // ntasks):
+        wc = it % nwc
+        r = r0 + it // nwc
+        ty = r % TH
+        tz = (r // TH) % TD
+        n = r // (TH * TD)
+        tw0 = wc * twc
+        ntw = min(twc, TW - tw0)
+        z0 = tz * md - lod
+        y0 = ty * mh - loh
+        w0 = tw0 * mw - low
+        S = mw * (ntw + 1) * L  # one W row, phase-split: sample mw*tq + ph at [ph, tq]
+        A = Abuf[: ad * ah * S].reshape(ad * ah, S)
+        B = Bbuf[: ad * ah * S].reshape(ad * ah, S)
+        # Gather the window, channels innermost (strided loads, contiguous stores: the
+        # fast direction of this transposition); zeros outside x (padding), lanes >= C.
+        Lq = mw * (ntw + 1)
+        if z0 < 0 or z0 + ad > D or y0 < 0 or y0 + ah > H or w0 < 0 or w0 + Lq > W or C < L:
+            A1 = A.reshape(ad * ah * S)
+            for i in range(ad * ah * S):
+                A1[i] = 0
+        qa = max(w0, 0) - w0
+        qb = min(w0 + Lq, W) - w0
+        for jz in range(ad):
+            z = z0 + jz
+            if z < 0 or z >= D:
+                continue
+            for jy in range(ah):
+                yy = y0 + jy
+                if yy < 0 or yy >= H:
+                    continue
+                a = jz * ah + jy
+                for tq in range(ntw + 1):
+                    for ph in range(mw):
+                        q = tq * mw + ph
+                        if q >= qa and q < qb:
+                            base = (ph * (ntw + 1) + tq) * L
+                            for c in range(C):
+                                A[a, base + c] = x[n, c, z, yy, w0 + q]
+        # along D (rows jz*ah + jy -> iz*ah + jy), then along H, then along W into V
+        _bt(md, A.reshape(ad, ah * S), 0, 0, ad, 0, B.reshape(ad, ah * S), 0, 0, ah * S)
+        for iz in range(ad):
+            _bt(mh, B, iz * ah, 0, ah, 0, A, iz * ah, 0, S)
+        A3 = A.reshape(ad * ah * mw, (ntw + 1) * L)
+        col = ((r - r0) * TW + tw0) * L
+        for izy in range(ad * ah):
+            _bt(mw, A3, izy * mw, 0, mw, L, V2, izy * aw, col, ntw * L)
+
+
+def _output_worker(task, ntasks, M, geo, r0, r1, o0, y):  # pragma: no cover - compiled
+    """Items of the output transform: ``y[:, o0 : o0 + L]`` on the tile rows
+    ``r0 <= r < r1`` from ``M (P, T, L)``; an item is ``twc`` tiles, all ``L`` output
+    channels being the vector lanes."""
+    N, O, Do, Ho, Wo = y.shape
+    TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
+    ad, ah, aw = md + 2, mh + 2, mw + 2
+    P, T, L = M.shape
+    M2 = M.reshape(P, T * L)
+    no = min(L, O - o0)
+    nwc = (TW + twc - 1) // twc
+    items = (r1 - r0) * nwc
+    Smax = mw * twc * L
+    Rbuf = np.empty(ad * ah * Smax, dtype=M.dtype)
+    Tbuf = np.empty(ad * mh * Smax, dtype=M.dtype)
+    row = np.empty((mw * twc, L), dtype=M.dtype)
+    for it in range(task * items // ntasks, (task + 1) * items // ntasks):
+        wc = it % nwc
+        r = r0 + it // nwc
+        ty = r % TH
+        tz = (r // TH) % TD
+        n = r // (TH * TD)
+        tw0 = wc * twc
+        ntw = min(twc, TW - tw0)
+        S = mw * ntw * L  # one output W row, phase-split: sample mw*tw + kw at [kw, tw]
+        R = Rbuf[: ad * ah * S].reshape(ad * ah * mw, ntw * L)
+        T2 = Tbuf[: ad * mh * S].reshape(ad * mh, S)
+        # along W, straight from M's rows (p = izy*aw + j; tiles contiguous)
+        col = ((r - r0) * TW + tw0) * L
+        for izy in range(ad * ah):
+            _at(mw, M2, izy * aw, col, R, izy * mw, 0, ntw * L)
+        # along H, then along D (into R's memory)
+        R2 = R.reshape(ad * ah, S)
+        for iz in range(ad):
+            _at(mh, R2, iz * ah, 0, T2, iz * mh, 0, S)
+        Y = R.reshape(ad * ah * mw * ntw * L)[: md * mh * S].reshape(md, mh * S)
+        _at(md, T2.reshape(ad, mh * S), 0, 0, Y, 0, 0, mh * S)
+        Y5 = Y.reshape(md, mh, mw, ntw, L)
+        # into y, cropped: un-split the phases into (w, lane) rows, then lane by lane
+        w0 = tw0 * mw
+        nw = min(mw * ntw, Wo - w0)
+        for kz in range(md):
+            z = tz * md + kz
+            if z >= Do:
+                break
+            for ky in range(mh):
+                yy = ty * mh + ky
+                if yy >= Ho:
+                    break
+                for tw in range(ntw):
+                    for kw in range(mw):
+                        for k in range(L):
+                            row[tw * mw + kw, k] = Y5[kz, ky, kw, tw, k]
+                for k in range(no):
+                    for q in range(nw):
+                        y[n, o0 + k, z, yy, w0 + q] = row[q, k]
+
+
+_jitted: dict | None = None
+_jit_lock = threading.Lock()
+
+
+def _kernels() -> dict:
+    """Import numba and compile (or load from the cache) the kernels, once per process."""
+    global _jitted
+    with _jit_lock:
+        if _jitted is None:
+            import numba
+
+            # Contraction into FMAs only: no reassociation, NaN/inf semantics kept; each
+            # output's arithmetic is fixed by the geometry (bitwise reproducible).
+            fm = {"contract"}
+            module = globals()
+            inline = numba.njit(inline="always", fastmath=fm, cache=True)
+            for name in ("_bt4", "_bt2", "_bt", "_at", "_g"):
+                module[name] = inline(module[name])
+            jit = numba.njit(nogil=True, fastmath=fm, cache=True)
+            _jitted = {
+                "numba": numba,
+                "weight": jit(_weight_worker),
+                "input": jit(_input_worker),
+                "output": jit(_output_worker),
+            }
+    return _jitted
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _run(kernel, nw: int, *args) -> None:
+    """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads (the caller's
+    included) taking tasks from a shared counter. Python threads over ``nogil`` kernels:
+    nothing spins between the transforms and the BLAS calls, and it is safe to call from
+    several Python threads at once."""
+    global _pool
+    if nw <= 1:
+        kernel(0, 1, *args)
+        return
+    ntasks = nw * TASKS_PER_THREAD
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < nw - 1:
+            _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv-wg")
+        pool = _pool
+    tasks = iter(range(ntasks))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                task = next(tasks, None)
+            if task is None:
+                return
+            kernel(task, ntasks, *args)
+
+    futures = [pool.submit(work) for _ in range(nw - 1)]
+    try:
+        work()
+    finally:
+        for future in futures:
+            future.result()
+
+
+# ------------------------------------------------------------------------- entry points
+
+
+def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    kernels = _kernels()
+    nw = _threads()
+    dtype = x.dtype
+    plan = _plan(geom, dtype.itemsize, nw)
+    if plan is None:  # pragma: no cover - supports() rejects these
+        raise ValueError("winograd: the workspace cap cannot hold one tile row")
+    ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, rb = plan
+    O, C = geom.O, geom.C
+    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    x = np.ascontiguousarray(x)
+    w3 = np.ascontiguousarray(w.reshape(O, C, 27), dtype=dtype)
+    geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin)
+    geo_out = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tout)
+    y = np.empty(geom.out_shape, dtype=dtype)
+    tb = rb * TW
+    Ubuf = np.empty(P * Cp * ob, dtype=dtype)
+    Vbuf = np.empty(P * tb * Cp, dtype=dtype)
+    Mbuf = np.empty(P * tb * ob, dtype=dtype)
+    for o0 in range(0, Op, ob):
+        o1 = min(Op, o0 + ob)
+        U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
+        _run(kernels["weight"], nw, w3, ms, o0, U)
+        for r0 in range(0, rows, rb):
+            r1 = min(rows, r0 + rb)
+            nb = (r1 - r0) * TW
+            V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+            M = Mbuf[: P * nb * (o1 - o0)].reshape(P, nb, o1 - o0)
+            _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+            np.matmul(V, U, out=M)  # P GEMMs (nb x Cp) @ (Cp x Ob)
+            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y)
+    return y
+
+
+def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """Delegated to the GEMM family, as the engine's chooser would pick without Winograd."""
+    from . import ALGORITHMS, _preferred_gemm
+
+    return ALGORITHMS[_preferred_gemm(geom)].backward_weight(x, dy, geom)
