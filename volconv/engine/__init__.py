@@ -185,7 +185,10 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     """Gradient with respect to the input, shape ``geom.in_shape``."""
     if geom.N == 0 or geom.C == 0 or geom.O == 0:
         return np.zeros(geom.in_shape, dtype=dy.dtype)
-    if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME:
+    # Stride 1: dx is a forward convolution (and gets Winograd, depthwise, ...), except
+    # when dx has few channels (first layers): that forward would be a GEMM with 1-15
+    # outputs per position, while GEMM + col2im keeps the long side in BLAS.
+    if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME and geom.C >= 16:
         return conv3d_forward(dy, flip_weight(w), transposed_geometry(geom))
     if _autotune.active():
         names = [n for n in _with("backward_input") if _supports(n, geom)]
