@@ -53,12 +53,12 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
+from ._threads import run_tasks
 
 NAME = "depthwise"
 
@@ -426,51 +426,7 @@ def _wrap() -> dict:
     }
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-#: Tasks per thread. More than one lets a thread that the OS preempts (a busy machine)
-#: hand its remaining tasks to the other; 1 is a static split.
-TASKS_PER_THREAD = 4
-
-
-def _run(kernel, nw: int, *args) -> None:
-    """Run ``kernel(task, ntasks, *args)`` for every task on ``nw`` threads.
-
-    Task ``t`` of ``ntasks`` does work items ``t, t + ntasks, ...``; the threads take
-    tasks from a shared counter (the calling thread works too). Each output element is
-    computed inside one work item in an order fixed by the geometry, so which thread
-    runs which task never changes a bit of the result. Plain threads over ``nogil``
-    kernels rather than ``parallel=True``/``prange``: the same speed, half the
-    first-call JIT time (the parfor pipeline doubled it), and safe to call from
-    several Python threads at once.
-    """
-    global _pool
-    if nw <= 1:
-        kernel(0, 1, *args)
-        return
-    ntasks = nw * TASKS_PER_THREAD
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < nw - 1:
-            _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv-dw")
-        pool = _pool
-    tasks = iter(range(ntasks))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                task = next(tasks, None)
-            if task is None:
-                return
-            kernel(task, ntasks, *args)
-
-    futures = [pool.submit(work) for _ in range(nw - 1)]
-    try:
-        work()
-    finally:
-        for future in futures:
-            future.result()
+_run = run_tasks  # see _threads.py
 
 
 # ------------------------------------------------------------------------- entry points

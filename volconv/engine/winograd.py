@@ -83,12 +83,12 @@ output of its tile), unlike direct convolution.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
+from ._threads import run_tasks
 
 NAME = "winograd"
 #: The transforms mix every sample of a tile, so one Inf/NaN would spread to the whole
@@ -105,8 +105,6 @@ SCRATCH_TARGET = 1536 << 10
 BLOCK_TARGET_BYTES = 24 << 20
 #: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
 MIN_BLOCK_TILES = 64
-#: Tasks per thread for the transforms (a preempted thread hands work to the other).
-TASKS_PER_THREAD = 4
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
 
@@ -565,41 +563,7 @@ def _kernels() -> dict:
     return _jitted
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _run(kernel, nw: int, *args) -> None:
-    """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads (the caller's
-    included) taking tasks from a shared counter. Python threads over ``nogil`` kernels:
-    nothing spins between the transforms and the BLAS calls, and it is safe to call from
-    several Python threads at once."""
-    global _pool
-    if nw <= 1:
-        kernel(0, 1, *args)
-        return
-    ntasks = nw * TASKS_PER_THREAD
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < nw - 1:
-            _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv-wg")
-        pool = _pool
-    tasks = iter(range(ntasks))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                task = next(tasks, None)
-            if task is None:
-                return
-            kernel(task, ntasks, *args)
-
-    futures = [pool.submit(work) for _ in range(nw - 1)]
-    try:
-        work()
-    finally:
-        for future in futures:
-            future.result()
+_run = run_tasks  # see _threads.py
 
 
 # ------------------------------------------------------------------------- entry points

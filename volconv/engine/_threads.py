@@ -1,0 +1,55 @@
+"""Run a numba kernel's tasks on Python threads: the engine's one parallel-for.
+
+``run_tasks(kernel, nw, *args)`` calls ``kernel(task, ntasks, *args)`` for every task
+on ``nw`` threads (the calling thread works too), the threads taking tasks from a
+shared counter. Task ``t`` of ``ntasks`` does work items ``t, t + ntasks, ...``; each
+kernel computes every output element inside one work item in an order fixed by the
+geometry, so which thread runs which task never changes a bit of the result.
+
+Plain threads over ``nogil`` kernels rather than numba's ``parallel=True``/``prange``:
+the same speed, half the first-call JIT time (the parfor pipeline doubled it), no
+OpenMP threads spin-waiting against OpenBLAS for the cores between the transforms and
+the GEMMs, and safe to call from several Python threads at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+#: Tasks per thread. More than one lets a thread that the OS preempts (a busy machine)
+#: hand its remaining tasks to the other; 1 is a static split.
+TASKS_PER_THREAD = 4
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def run_tasks(kernel, nw: int, *args) -> None:
+    """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads."""
+    global _pool
+    if nw <= 1:
+        kernel(0, 1, *args)
+        return
+    ntasks = nw * TASKS_PER_THREAD
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < nw - 1:
+            _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv")
+        pool = _pool
+    tasks = iter(range(ntasks))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                task = next(tasks, None)
+            if task is None:
+                return
+            kernel(task, ntasks, *args)
+
+    futures = [pool.submit(work) for _ in range(nw - 1)]
+    try:
+        work()
+    finally:
+        for future in futures:
+            future.result()
