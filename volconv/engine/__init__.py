@@ -220,6 +220,10 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     # The weight gradient's best GEMM differs from the forward's: the in-plane unfolding
     # won on every dense suite layer where it fits (vnet 276 vs 414 ms for per-tap GEMM,
     # c3d_conv3a 95 vs 137, dilated_d2 162 vs 241).
-    if config.algorithm is None and name != depthwise.NAME and _hwunfold_fits(geom):
-        name = hwunfold.NAME
+    # Factorised (1,k,k) / (k,1,1) kernels keep per-tap GEMM (r2plus1d: 55 vs 64 ms).
+    kd, kh, kw = geom.kernel
+    factorised = kd == 1 or kh * kw == 1
+    if config.algorithm is None and name != depthwise.NAME and not factorised:
+        if _hwunfold_fits(geom):
+            name = hwunfold.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)
