@@ -13,11 +13,11 @@ import pytest
 
 import volconv
 from volconv import engine
-from volconv.engine import depthwise, im2col
+from volconv.engine import _numba_runtime, depthwise, im2col
 from volconv.engine._args import conv_geometry
 from volconv.engine.reference import conv3d_reference
 
-pytestmark = pytest.mark.skipif(not depthwise._numba_available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not depthwise.numba_available(), reason="numba is not installed")
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -214,7 +214,7 @@ def test_chooser_picks_depthwise_for_x3d_layer():
 
 def test_unsupported_without_numba(monkeypatch):
     g = conv_geometry((1, 4, 5, 5, 5), (4, 1, 1, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1), 4)
-    monkeypatch.setattr(depthwise, "_HAVE_NUMBA", False)
+    monkeypatch.setattr(_numba_runtime, "_HAVE_NUMBA", False)
     assert not depthwise.supports(g)
     assert engine.choose(g, np.dtype(np.float32)) != depthwise.NAME
 

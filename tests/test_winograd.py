@@ -20,11 +20,11 @@ import pytest
 
 import volconv
 from volconv import engine
-from volconv.engine import winograd
+from volconv.engine import _numba_runtime, winograd
 from volconv.engine._args import conv_geometry
 from volconv.engine.reference import conv3d_reference
 
-pytestmark = pytest.mark.skipif(not winograd._numba_available(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not winograd.numba_available(), reason="numba is not installed")
 
 #: Allowed error constants (see the module docstring for the measured values).
 C_F4 = 12.0
@@ -193,7 +193,7 @@ def test_chooser(algorithm):
 
 
 def test_without_numba_falls_back(algorithm, monkeypatch):
-    monkeypatch.setattr(winograd, "_HAVE_NUMBA", False)
+    monkeypatch.setattr(_numba_runtime, "_HAVE_NUMBA", False)
     geom = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
     assert not winograd.supports(geom)
     algorithm("winograd")  # forced but unsupported: the chooser decides

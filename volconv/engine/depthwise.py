@@ -58,7 +58,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._threads import run_tasks
+from ._numba_runtime import numba_available, run_tasks
 
 NAME = "depthwise"
 
@@ -74,28 +74,14 @@ _ACC_TARGET = 16 << 10
 #: Target bytes of the weight-gradient accumulators of one item (L2).
 _DW_ACC_TARGET = 256 << 10
 
-#: Whether numba imports (None: not tried yet). Tried on the first :func:`supports`
-#: call that needs it, not at import: ``import numba`` alone takes ~0.4 s.
-_HAVE_NUMBA: bool | None = None
+#: The compiled kernels, built on first use (see :func:`_kernels`).
 _jitted: dict | None = None
 _jit_lock = threading.Lock()
 
 
-def _numba_available() -> bool:
-    global _HAVE_NUMBA
-    if _HAVE_NUMBA is None:
-        try:  # a numba too old for this numpy raises ImportError: treat it as absent
-            import numba  # noqa: F401
-        except Exception:
-            _HAVE_NUMBA = False
-        else:
-            _HAVE_NUMBA = True
-    return _HAVE_NUMBA
-
-
 def supports(geom: ConvGeometry) -> bool:
     """Direct loops for few channels per group; needs numba."""
-    return geom.Cg <= MAX_CG and _numba_available()
+    return geom.Cg <= MAX_CG and numba_available()
 
 
 # --------------------------------------------------------------------------- planning
@@ -426,7 +412,7 @@ def _wrap() -> dict:
     }
 
 
-_run = run_tasks  # see _threads.py
+_run = run_tasks  # see _numba_runtime.py
 
 
 # ------------------------------------------------------------------------- entry points

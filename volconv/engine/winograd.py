@@ -88,7 +88,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._threads import run_tasks
+from ._numba_runtime import numba_available, run_tasks
 
 NAME = "winograd"
 #: The transforms mix every sample of a tile, so one Inf/NaN would spread to the whole
@@ -152,21 +152,6 @@ def matrices(m: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 # ------------------------------------------------------------------ support and planning
 
-_HAVE_NUMBA: bool | None = None
-
-
-def _numba_available() -> bool:
-    """Whether numba imports; tried on the first call that needs it (import costs ~0.4 s)."""
-    global _HAVE_NUMBA
-    if _HAVE_NUMBA is None:
-        try:  # a numba too old for this numpy raises ImportError: treat it as absent
-            import numba  # noqa: F401
-        except Exception:
-            _HAVE_NUMBA = False
-        else:
-            _HAVE_NUMBA = True
-    return _HAVE_NUMBA
-
 
 def supports(geom: ConvGeometry) -> bool:
     """Dense 3x3x3, stride 1, dilation 1, numba, and a workspace cap that holds one tile
@@ -176,7 +161,7 @@ def supports(geom: ConvGeometry) -> bool:
         and geom.kernel == (3, 3, 3)
         and geom.stride == (1, 1, 1)
         and geom.dilation == (1, 1, 1)
-        and _numba_available()
+        and numba_available()
         and _plan(geom, 8, _threads()) is not None
     )
 
@@ -563,7 +548,7 @@ def _kernels() -> dict:
     return _jitted
 
 
-_run = run_tasks  # see _threads.py
+_run = run_tasks  # see _numba_runtime.py
 
 
 # ------------------------------------------------------------------------- entry points

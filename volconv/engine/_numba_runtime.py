@@ -1,4 +1,9 @@
-"""Run a numba kernel's tasks on Python threads: the engine's one parallel-for.
+"""Shared runtime of the numba kernels (depthwise, Winograd): the availability probe
+and the engine's one parallel-for.
+
+``numba_available()`` imports numba on the first call that needs it, not at import of
+volconv (``import numba`` alone takes ~0.4 s); a numba too old for the installed numpy
+raises on import and counts as absent, so the chooser falls back to the GEMM algorithms.
 
 ``run_tasks(kernel, nw, *args)`` calls ``kernel(task, ntasks, *args)`` for every task
 on ``nw`` threads (the calling thread works too), the threads taking tasks from a
@@ -16,6 +21,22 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+_HAVE_NUMBA: bool | None = None
+
+
+def numba_available() -> bool:
+    """Whether numba imports (tried once, on first use)."""
+    global _HAVE_NUMBA
+    if _HAVE_NUMBA is None:
+        try:  # a numba too old for this numpy raises ImportError: treat it as absent
+            import numba  # noqa: F401
+        except Exception:
+            _HAVE_NUMBA = False
+        else:
+            _HAVE_NUMBA = True
+    return _HAVE_NUMBA
+
 
 #: Tasks per thread. More than one lets a thread that the OS preempts (a busy machine)
 #: hand its remaining tasks to the other; 1 is a static split.
