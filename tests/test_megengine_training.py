@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from networks import Net
 
 import volconv as mge
 import volconv.functional as F
@@ -34,23 +35,6 @@ def _names(io):
 
 
 def _module_net():
-    import volconv.module as M
-
-    class Net(M.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = M.Conv3d(1, 4, 3, padding=1)
-            self.conv2 = M.Conv3d(4, 8, 3, stride=2, padding=1, groups=2)
-            self.up = M.ConvTranspose3d(8, 4, 2, stride=2)
-            self.fc = M.Linear(4, 3)
-
-        def forward(self, x):
-            x = F.relu(self.conv1(x))
-            x = F.relu(self.conv2(x))
-            x = F.relu(self.up(x))
-            x = F.mean(x, axis=(2, 3, 4))
-            return self.fc(x)
-
     return Net()
 
 
