@@ -410,6 +410,7 @@ def _layout_case(name):
         (rng.standard_normal((4, 4, 3, 3, 3)), dict(padding=1)),
         (rng.standard_normal((4, 1, 1, 3, 2, 3)), dict(stride=(2, 1, 2), groups=4)),
         (rng.standard_normal((4, 4, 3, 1, 3)), dict(stride=2, dilation=(1, 2, 1))),
+        (rng.standard_normal((4, 4, 1, 1, 1)), dict(stride=(1, 2, 1))),
     ]
     for w, kw in candidates:
         if engine._supports(name, _geom_of(x, w, kw)):

@@ -34,6 +34,7 @@ PROBLEMS = [
     ((1, 4, 8, 12, 12), (8, 4, 3, 3, 3), dict(stride=(1, 2, 2), padding=1)),  # hwunfold
     ((2, 2, 7, 8, 9), (4, 2, 3, 3, 3), dict(stride=2)),  # im2col
     ((1, 34, 4, 5, 4), (2, 3, 17, 2, 2, 2), dict(groups=2)),  # grouped, too wide for direct
+    ((2, 24, 5, 6, 7), (16, 24, 1, 1, 1), dict(stride=(1, 2, 1))),  # pointwise
 ]
 
 

@@ -20,6 +20,7 @@ name            used for
                 gradient by the GEMM family
 ``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
                 GEMM per kernel tap on a shifted window, no unfolding
+``pointwise``   1x1x1 kernels without padding: GEMMs straight on x and y
 ``im2col``      everything else: unfolded slabs under the workspace cap, groups
                 as a batched-matmul axis; col2im for strided input gradients
 ==============  =================================================================
@@ -37,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import config
-from . import _autotune, _phases, depthwise, hwunfold, im2col, tapgemm, winograd
+from . import _autotune, _phases, depthwise, hwunfold, im2col, pointwise, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
 
 ALGORITHMS = {
@@ -46,6 +47,7 @@ ALGORITHMS = {
     depthwise.NAME: depthwise,
     hwunfold.NAME: hwunfold,
     winograd.NAME: winograd,
+    pointwise.NAME: pointwise,
 }
 
 __all__ = [
@@ -118,6 +120,9 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
 
 def _preferred_gemm(geom: ConvGeometry) -> str:
     """The GEMM-family pick (also Winograd's weight gradient, which it delegates)."""
+    # 1x1x1 without padding: GEMMs on the arrays themselves, no block copies.
+    if pointwise.supports(geom):
+        return pointwise.NAME
     # Per-tap GEMM needs K = C large enough for BLAS to run well, and little junk fringe.
     if tapgemm.supports(geom) and geom.C >= 16 and tapgemm.waste(geom) < 1.35:
         return tapgemm.NAME
