@@ -16,8 +16,8 @@ name            used for
 ``depthwise``   grouped layers with <= 16 channels per group (depthwise first of
                 all), with numba: direct loops, both gradients too
 ``winograd``    dense 3x3x3 stride-1 layers with enough channels, with numba:
-                F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2); weight
-                gradient by the GEMM family
+                F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2); the weight
+                gradient too where ``winograd.prefer_weight`` (else the GEMM family)
 ``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
                 GEMM per kernel tap on a shifted window, no unfolding
 ``pointwise``   1x1x1 kernels without padding: GEMMs straight on x and y
@@ -119,7 +119,7 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
 
 
 def _preferred_gemm(geom: ConvGeometry) -> str:
-    """The GEMM-family pick (also Winograd's weight gradient, which it delegates)."""
+    """The GEMM-family pick (also for Winograd's non-finite weight gradients)."""
     # 1x1x1 without padding: GEMMs on the arrays themselves, no block copies.
     if pointwise.supports(geom):
         return pointwise.NAME
@@ -269,7 +269,11 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     # Factorised (1,k,k) / (k,1,1) kernels keep per-tap GEMM (r2plus1d: 55 vs 64 ms).
     kd, kh, kw = geom.kernel
     factorised = kd == 1 or kh * kw == 1
+    # Winograd keeps its own F(4, 3) weight gradient where that measured faster
+    # (winograd.prefer_weight: c3d_conv3a 61 vs 105 ms, unet3d_enc2 161 vs 263).
     if config.algorithm is None and name != depthwise.NAME and not factorised:
-        if _hwunfold_fits(geom):
+        if name == winograd.NAME and winograd.prefer_weight(geom, x.dtype):
+            pass
+        elif _hwunfold_fits(geom):
             name = hwunfold.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)

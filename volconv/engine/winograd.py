@@ -56,8 +56,9 @@ extent is <= 2 (4 transformed points instead of 6, e.g. C3D conv5a's depth 2).
 
 Implementation
 --------------
-Three numba kernels (``nogil``, run on ``numba.get_num_threads()`` Python threads that
-take work items from a shared counter) and numpy's batched matmul:
+Three numba kernels for the forward (``nogil``, run on ``numba.get_num_threads()`` Python
+threads that take work items from a shared counter; two more for the weight gradient,
+below) and numpy's batched matmul:
 
 - weight: ``U (P, C, Ob)``, one item per input channel, all output channels as lanes;
 - input: ``V (P, T, C)`` for a block of tile rows. An item is a few tiles of one tile
@@ -75,19 +76,72 @@ stay under ``volconv.config.workspace_bytes`` (and near ``BLOCK_TARGET_BYTES``);
 the GEMM algorithms). Without numba :func:`supports` is False: per-position numpy
 transforms measured slower than the GEMM algorithms.
 
-The weight gradient is delegated to the GEMM family (``engine._preferred_gemm``).
 Non-finite inputs spread through a tile's transforms (an Inf becomes NaN in every
 output of its tile), unlike direct convolution.
+
+Weight gradient
+---------------
+The adjoint of the same identity. Per axis ``y = A^T [(G g) * (B^T d)]`` is linear in
+``g`` and ``sum_i dy_i y_i = sum_p (A dy)_p (B^T d)_p (G g)_p``, so over the tiles
+
+    dg = G^T [ sum_tiles (A dy) * (B^T d) ]        (F(3, m): A is alpha x m, G^T 3 x alpha)
+
+with the forward's own matrices. In 3-D, per transformed position ``p``:
+
+    Mw[p] (O x C) = sum_tiles DY[p]^T V[p],    DY = (A_d (x) A_h (x) A_w) dy_tile
+    dw_{o,c}      = (G_d^T (x) G_h^T (x) G_w^T) Mw[:, o, c]
+
+- V: the forward's input transform (``_input_worker``, unchanged);
+- DY ``(P, T, Ob)``: ``_grad_worker``, the adjoint of the output transform: dy's
+  ``m_d x m_h x m_w`` tile with zeros beyond the output (the far faces' partial tiles
+  then add nothing, whatever x holds there), A along D, H and W, output channels as
+  lanes;
+- GEMM: per block of tile rows, ``P`` BLAS calls ``Mw[p] += DY[p]^T V[p]`` accumulating
+  in place (``beta = 1``; ``_gemm_acc_batch`` builds the ctypes arguments once, as
+  thousands of small calls add up), BLAS's ``m`` being the smaller channel count
+  (``Mw`` is stored ``(P, O, C)`` or ``(P, C, O)``; 187 vs 150 GFLOP/s at 128 x 256);
+- ``_weight_out_worker``: G^T along W, H and D in float64, rounded once into ``dw``.
+
+``Mw (P, Cp, Ob)`` takes U's place in the workspace, with ``V`` and ``DY`` for a block
+(``WEIGHT_BLOCK_TARGET_BYTES``); output channels go in chunks when ``Mw`` passes half the
+cap (redoing the input transform per chunk, so :func:`prefer_weight` then declines).
+The tile sizes are the forward's: F(2) on every axis measured 1.3-2.3x slower (c3d_conv3a
+87 vs 61 ms, unet3d_enc2 330 vs 161, unet3d_deep 60 vs 44), for 4-8x smaller errors.
+
+Accuracy: the transformed operands are up to ~15^3 times the samples and cancel in
+G^T, so the float32 sums over tiles inside each GEMM dominate the error (a float64 GEMM
+on the same V and DY is 3-7x more accurate; adding the blocks in float64 is not).
+Measured max error relative to max|dw| (float32 against a float64 direct sum): F(4)
+4e-6..2e-5 for C = 16..256 (c3d_conv3a 5e-6, unet3d_deep 5e-6, unet3d_enc2 9e-6), F(2)
+~1e-6, the in-plane unfolding 3-5e-7; relative to the largest sum of magnitudes
+``max(|dy| (*) |x|)``, F(4) 1e-7..8e-7. ``tests/test_winograd.py`` bounds it by
+``c * eps * sqrt(N*Do*Ho*Wo) * max(|dy| (*) |x|)``, c measured <= 2.2 (F(2): 0.64).
+
+Speed (2 threads, float32, interleaved in one process, best of 7): c3d_conv3a 61 ms
+against 105 for the in-plane unfolding and 140 for per-tap GEMM, unet3d_enc2 161 vs 263
+and 281, unet3d_deep 44 vs 82 and 95. Per layer, c3d_conv3a: input transform 12 ms,
+DY transform 17, GEMMs 23 (~150 GFLOP/s), G^T 7; unet3d_enc2: 30, 46, 66 (the 64 x 32
+products run at ~55 GFLOP/s), 0.4. The many small BLAS calls make it (like the forward's
+batched matmul) sensitive to other processes taking a core: OpenBLAS's threads then wait
+on each other once per call.
+
+Non-finite data: any Inf/NaN in ``x`` or ``dy`` makes this ``dw`` non-finite (every
+sample reaches a transformed position with a nonzero coefficient, and the sums and G^T
+keep it), so a non-finite result -- float32 overflow in the transforms included -- is
+recomputed by the GEMM family, whose Inf/NaN propagation is exact; checking the small
+``dw`` instead of both inputs saves a pass over them (13 ms on unet3d_enc2).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
+from ._blas import _GEMM, _INT_MAX
 from ._numba_runtime import numba_available, run_tasks
 
 NAME = "winograd"
@@ -105,6 +159,9 @@ SCRATCH_TARGET = 1536 << 10
 BLOCK_TARGET_BYTES = 24 << 20
 #: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
 MIN_BLOCK_TILES = 64
+#: Target bytes of one weight-gradient block's V + DY (the GEMMs accumulate into Mw, so
+#: longer blocks mean fewer passes over it).
+WEIGHT_BLOCK_TARGET_BYTES = 24 << 20
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
 
@@ -188,6 +245,25 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     return ob == Op and rows * TW >= MIN_TILES
 
 
+#: The weight gradient needs 16 input channels too: with 8 the V lanes and GEMMs are
+#: half padding and the in-plane unfolding measured faster (1x8->8 at 64^3: 51 vs 38 ms;
+#: 16->16: 43 vs 77 ms).
+MIN_WEIGHT_CHANNELS = 16
+
+
+def prefer_weight(geom: ConvGeometry, dtype) -> bool:
+    """Whether the engine should take Winograd's own weight gradient: where it prefers
+    the forward, with >= 16 input channels and ``Mw`` fitting the cap whole (no output
+    channel chunks, which would redo the input transform). Measured against the
+    in-plane unfolding (2 threads): 1.6-1.9x faster on C3D conv3a and the U-Net 64^3
+    and 16^3 levels, 1.4-1.8x with 16-32 channels at 32^3-64^3 (even at 16 channels on
+    32^3)."""
+    if geom.C < MIN_WEIGHT_CHANNELS or not prefer(geom, dtype):
+        return False
+    plan = _plan_weight(geom, np.dtype(dtype).itemsize, _threads())
+    return plan is not None and plan[6] == plan[5]
+
+
 def tile_sizes(geom: ConvGeometry) -> tuple[int, int, int]:
     """Output tile size per axis: 4, or 2 where the output extent is <= 2 (there F(2, 3)
     covers the axis with 4 transformed points instead of 6)."""
@@ -261,6 +337,66 @@ def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
     tb = rb * grid[2]
     scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
     return scratch + itemsize * (P * Cp * ob + P * tb * (Cp + ob))
+
+
+def _grad_scratch_elems(ms, ob: int, tiles: int) -> int:
+    """Elements of one thread's scratch in the output-gradient transform (:func:`_grad_worker`)."""
+    md, mh, mw = ms
+    ad, ah = md + 2, mh + 2
+    return (md * mh + ad * mh + ad * ah + 1) * mw * tiles * ob
+
+
+def _plan_weight(geom: ConvGeometry, itemsize: int, threads: int):
+    """Blocking of the weight gradient under ``workspace_bytes``: ``Mw (P, Cp, Ob)``,
+    ``V (P, T, Cp)``, ``DY (P, T, Ob)`` and the threads' scratch (the final G^T stage
+    runs after V and DY are freed, within what Mw leaves). Returns ``(tile sizes, tile
+    grid, W tiles per input / gradient item, tile rows, Cp, Op, O chunk Ob, tile rows per
+    block)``, or None when not even one tile row fits."""
+    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
+        return None
+    ms = tile_sizes(geom)
+    ad, ah, aw = (m + 2 for m in ms)
+    P = ad * ah * aw
+    TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
+    rows = geom.N * TD * TH
+    Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
+    cap = config.workspace_bytes
+    ob = Op
+    if P * Cp * Op * itemsize > cap // 2:
+        ob = (cap // 2) // (P * Cp * itemsize) // CB * CB
+        if ob < CB:
+            return None
+    inp = 2 * ad * ah * ms[2] * Cp  # per input tile (+1), as in _scratch_elems
+    tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp) - 1))
+    tgr = max(1, min(TW, SCRATCH_TARGET // (itemsize * _grad_scratch_elems(ms, ob, 1))))
+    scratch = threads * itemsize * max(inp * (tin + 1), _grad_scratch_elems(ms, ob, tgr))
+    room = cap - scratch - P * Cp * ob * itemsize
+    per_row = P * (Cp + ob) * TW * itemsize
+    if room < per_row or _finish_bytes(ms, ob, threads) > cap - P * Cp * ob * itemsize:
+        return None
+    rb = min(rows, room // per_row, max(1, WEIGHT_BLOCK_TARGET_BYTES // per_row))
+    rb = max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row))
+    return ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, int(rb)
+
+
+def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
+    """Bytes the weight gradient allocates besides its inputs and ``dw``."""
+    plan = _plan_weight(geom, itemsize, threads)
+    if plan is None:
+        raise ValueError("winograd: the workspace cap cannot hold one tile row")
+    ms, grid, (tin, tgr), rows, Cp, Op, ob, rb = plan
+    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    mw = P * Cp * ob * itemsize
+    inp = 2 * (ms[0] + 2) * (ms[1] + 2) * ms[2] * Cp * (tin + 1)
+    scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
+    blocks = scratch + itemsize * P * rb * grid[2] * (Cp + ob)
+    return mw + max(blocks, _finish_bytes(ms, ob, threads))
+
+
+def _finish_bytes(ms, lanes: int, threads: int) -> int:
+    """float64 scratch of the threads in the final G^T transform (:func:`_weight_out_worker`)."""
+    ad, ah, aw = (m + 2 for m in ms)
+    return threads * 8 * (ad * ah * aw + ad * ah * 3 + ad * 9 + 27) * lanes
 
 
 # ----------------------------------------------------------------- kernels (numba)
@@ -340,6 +476,28 @@ def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
             dst[dr + 1, do + k] = m1 - m2 - m3
 
 
+def _a(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
+    """A of F(m, 3) (the transpose of A^T, ``alpha x m``): ``dst[dr + j, do + k]`` from
+    ``src[sr + i, so + k]``, ``i < m`` -- the adjoint of :func:`_at`."""
+    if m == 4:
+        for k in range(K):
+            y0, y1 = src[sr, so + k], src[sr + 1, so + k]
+            y2, y3 = src[sr + 2, so + k], src[sr + 3, so + k]
+            dst[dr, do + k] = y0
+            dst[dr + 1, do + k] = y0 + y1 + y2 + y3
+            dst[dr + 2, do + k] = y0 - y1 + y2 - y3
+            dst[dr + 3, do + k] = y0 + _H * y1 + _Q * y2 + _E * y3
+            dst[dr + 4, do + k] = y0 - _2 * y1 + _4 * y2 - _8 * y3
+            dst[dr + 5, do + k] = y3
+    else:
+        for k in range(K):
+            y0, y1 = src[sr, so + k], src[sr + 1, so + k]
+            dst[dr, do + k] = y0
+            dst[dr + 1, do + k] = y0 + y1
+            dst[dr + 2, do + k] = y0 - y1
+            dst[dr + 3, do + k] = -y1
+
+
 def _g(m, s0, s1, s2, dst, K):  # pragma: no cover - compiled
     """``dst[i, k] = (G (s0, s1, s2)[k])[i]`` in float64 (G of F(m, 3), hard-coded)."""
     if m == 4:
@@ -358,6 +516,23 @@ def _g(m, s0, s1, s2, dst, K):  # pragma: no cover - compiled
             dst[1, k] = 0.5 * (g0 + g1 + g2)
             dst[2, k] = 0.5 * (g0 - g1 + g2)
             dst[3, k] = g2
+
+
+def _gt(m, src, sr, ss, dst, dr, ds, K):  # pragma: no cover - compiled
+    """G^T of F(m, 3) in float64: ``dst[dr + j*ds, k] = sum_i G[i, j] src[sr + i*ss, k]``."""
+    if m == 4:
+        for k in range(K):
+            m0, m1, m2 = src[sr, k], src[sr + ss, k], src[sr + 2 * ss, k]
+            m3, m4, m5 = src[sr + 3 * ss, k], src[sr + 4 * ss, k], src[sr + 5 * ss, k]
+            dst[dr, k] = m0 + (m1 - m2) * _THIRD + (-16.0 * m3 + m4) * _FIFTEENTH
+            dst[dr + ds, k] = (m1 + m2) * _THIRD - (8.0 * m3 + 2.0 * m4) * _FIFTEENTH
+            dst[dr + 2 * ds, k] = (m1 - m2) * _THIRD + (4.0 * (m4 - m3)) * _FIFTEENTH + m5
+    else:
+        for k in range(K):
+            m0, m1, m2, m3 = src[sr, k], src[sr + ss, k], src[sr + 2 * ss, k], src[sr + 3 * ss, k]
+            dst[dr, k] = m0 + 0.5 * (m1 + m2)
+            dst[dr + ds, k] = 0.5 * (m1 - m2)
+            dst[dr + 2 * ds, k] = 0.5 * (m1 + m2) + m3
 
 
 def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
@@ -394,6 +569,42 @@ def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
                 for iw in range(aw):
                     for j in range(K):
                         U[p0 + iw, c, j] = t3[iw, j]
+
+
+def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, dw):  # pragma: no cover - compiled
+    """``dw[o, c, (a, b, e)] = ((G_d^T (x) G_h^T (x) G_w^T) Mw[:, o - o0, c])[a, b, e]`` (or
+    ``Mw[:, c, o - o0]`` when not ``o_first``) in float64, rounded once into ``dw (O, C,
+    27)``: the adjoint of :func:`_weight_worker`. An item is one row ``x`` of ``Mw (P, X,
+    Y)``, its ``Y`` lanes being the vector lanes."""
+    P, X, Y = Mw.shape
+    O, C = dw.shape[0], dw.shape[1]
+    md, mh, mw = ms[0], ms[1], ms[2]
+    ad, ah, aw = md + 2, mh + 2, mw + 2
+    nx = max(0, min(X, O - o0)) if o_first else min(X, C)
+    ny = min(Y, C) if o_first else max(0, min(Y, O - o0))
+    A = np.empty((P, Y))
+    B = np.empty((ad * ah * 3, Y))  # [(iz, iy), e]
+    Cz = np.empty((ad * 9, Y))  # [iz, (b, e)]
+    R = np.empty((27, Y))  # [(a, b, e)]
+    for x in range(task * nx // ntasks, (task + 1) * nx // ntasks):
+        for p in range(P):
+            for k in range(Y):
+                A[p, k] = Mw[p, x, k]
+        for izy in range(ad * ah):  # along W
+            _gt(mw, A, izy * aw, 1, B, izy * 3, 1, Y)
+        for iz in range(ad):  # along H
+            for e in range(3):
+                _gt(mh, B, iz * ah * 3 + e, 3, Cz, iz * 9 + e, 3, Y)
+        for be in range(9):  # along D
+            _gt(md, Cz, be, 9, R, be, 9, Y)
+        if o_first:
+            for k in range(ny):
+                for t in range(27):
+                    dw[o0 + x, k, t] = R[t, k]
+        else:
+            for k in range(ny):
+                for t in range(27):
+                    dw[o0 + k, x, t] = R[t, k]
 
 
 def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compiled
@@ -520,6 +731,73 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y):  # pragma: no cover - c
                         y[n, o0 + k, z, yy, w0 + q] = row[q, k]
 
 
+def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - compiled
+    """Items of the output-gradient transform (the adjoint of :func:`_output_worker`):
+    ``DY[p, t, j] = ((A_d (x) A_h (x) A_w) dy_tile[o0 + j])[p]`` on the tile rows
+    ``r0 <= r < r1``, each tile ``m_d x m_h x m_w`` read from ``dy`` with zeros beyond
+    the output's extent and in lanes ``o0 + j >= O``; an item is ``twc`` tiles of one
+    tile row, all ``L`` output channels being the vector lanes."""
+    N, O, Do, Ho, Wo = dy.shape
+    TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
+    ad, ah, aw = md + 2, mh + 2, mw + 2
+    P, T, L = DY.shape
+    DY2 = DY.reshape(P, T * L)
+    no = max(0, min(L, O - o0))
+    nwc = (TW + twc - 1) // twc
+    items = (r1 - r0) * nwc
+    Smax = mw * twc * L
+    Ybuf = np.empty(md * mh * Smax, dtype=DY.dtype)
+    Tbuf = np.empty(ad * mh * Smax, dtype=DY.dtype)
+    Rbuf = np.empty(ad * ah * Smax, dtype=DY.dtype)
+    row = np.empty((mw * twc, L), dtype=DY.dtype)
+    for it in range(task * items // ntasks, (task + 1) * items // ntasks):
+        wc = it % nwc
+        r = r0 + it // nwc
+        ty = r % TH
+        tz = (r // TH) % TD
+        n = r // (TH * TD)
+        tw0 = wc * twc
+        ntw = min(twc, TW - tw0)
+        S = mw * ntw * L  # one W row, phase-split: sample mw*tw + kw at [kw, tw]
+        Y5 = Ybuf[: md * mh * S].reshape(md, mh, mw, ntw, L)
+        w0 = tw0 * mw
+        nw = min(mw * ntw, Wo - w0)
+        # Gather dy lane by lane (unit-stride loads), then split the phases; zeros
+        # beyond the output (partial tiles at the far faces) and in lanes >= no.
+        for kz in range(md):
+            z = tz * md + kz
+            for ky in range(mh):
+                yy = ty * mh + ky
+                if z >= Do or yy >= Ho:
+                    for kw in range(mw):
+                        for tw in range(ntw):
+                            for k in range(L):
+                                Y5[kz, ky, kw, tw, k] = 0
+                    continue
+                if nw < mw * ntw or no < L:
+                    for q in range(mw * ntw):
+                        for k in range(L):
+                            row[q, k] = 0
+                for k in range(no):
+                    for q in range(nw):
+                        row[q, k] = dy[n, o0 + k, z, yy, w0 + q]
+                for kw in range(mw):
+                    for tw in range(ntw):
+                        for k in range(L):
+                            Y5[kz, ky, kw, tw, k] = row[tw * mw + kw, k]
+        # A along D (rows kz -> iz), along H (iz*mh + ky -> iz*ah + iy), along W into DY
+        T2 = Tbuf[: ad * mh * S].reshape(ad * mh, S)
+        R2 = Rbuf[: ad * ah * S].reshape(ad * ah, S)
+        _a(md, Ybuf[: md * mh * S].reshape(md, mh * S), 0, 0, T2.reshape(ad, mh * S), 0, 0,
+           mh * S)  # fmt: skip
+        for iz in range(ad):
+            _a(mh, T2, iz * mh, 0, R2, iz * ah, 0, S)
+        R3 = R2.reshape(ad * ah * mw, ntw * L)
+        col = ((r - r0) * TW + tw0) * L
+        for izy in range(ad * ah):
+            _a(mw, R3, izy * mw, 0, DY2, izy * aw, col, ntw * L)
+
+
 _jitted: dict | None = None
 _jit_lock = threading.Lock()
 
@@ -536,7 +814,7 @@ def _kernels() -> dict:
             fm = {"contract"}
             module = globals()
             inline = numba.njit(inline="always", fastmath=fm, cache=True)
-            for name in ("_bt4", "_bt2", "_bt", "_at", "_g"):
+            for name in ("_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt"):
                 module[name] = inline(module[name])
             jit = numba.njit(nogil=True, fastmath=fm, cache=True)
             _jitted = {
@@ -544,6 +822,8 @@ def _kernels() -> dict:
                 "weight": jit(_weight_worker),
                 "input": jit(_input_worker),
                 "output": jit(_output_worker),
+                "grad": jit(_grad_worker),
+                "weight_out": jit(_weight_out_worker),
             }
     return _jitted
 
@@ -589,7 +869,81 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 
 def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Delegated to the GEMM family, as the engine's chooser would pick without Winograd."""
-    from . import ALGORITHMS, _preferred_gemm
+    """``dw = (G^T (x) G^T (x) G^T) sum_tiles (A (x) A (x) A) dy_tile * (B^T (x) B^T (x) B^T)
+    x_tile`` (see the module docstring), shape ``geom.w_shape``.
 
-    return ALGORITHMS[_preferred_gemm(geom)].backward_weight(x, dy, geom)
+    Non-finite data: an Inf/NaN in ``x`` or ``dy`` always makes this ``dw`` non-finite
+    (every sample reaches some transformed position with a nonzero coefficient, and the
+    sums and G^T keep it), and so does float32 overflow in the transforms; a non-finite
+    result is therefore recomputed by the GEMM family, which propagates Inf/NaN exactly
+    (``FINITE_ONLY``). Checking the small ``dw`` instead of both inputs saves a pass over
+    them (13 ms of 155 on unet3d_enc2).
+    """
+    kernels = _kernels()
+    nw = _threads()
+    dtype = x.dtype
+    plan = _plan_weight(geom, dtype.itemsize, nw)
+    if plan is None:  # pragma: no cover - supports() rejects these
+        raise ValueError("winograd: the workspace cap cannot hold one tile row")
+    ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, rb = plan
+    O, C = geom.O, geom.C
+    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin)
+    geo_gr = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tgr)
+    dw = np.empty((O, C, 27), dtype=dtype)
+    tb = rb * TW
+    for o0 in range(0, Op, ob):
+        L = min(Op, o0 + ob) - o0
+        # Mw (P, X, Y): Y, the lanes of BLAS's m, is the smaller of (C, O) (gemm_nt_acc)
+        o_first = Cp <= L
+        X, Y = (L, Cp) if o_first else (Cp, L)
+        Mw = np.zeros((P, X, Y), dtype=dtype)
+        Vbuf = np.empty(P * tb * Cp, dtype=dtype)
+        Dbuf = np.empty(P * tb * L, dtype=dtype)
+        for r0 in range(0, rows, rb):
+            r1 = min(rows, r0 + rb)
+            nb = (r1 - r0) * TW
+            V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+            DY = Dbuf[: P * nb * L].reshape(P, nb, L)
+            _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+            _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY)
+            a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
+            _gemm_acc_batch(a, b, Mw)  # Mw[p] (X x Y) += b[p]^T @ a[p], p < P
+        del Vbuf, Dbuf, V, DY, a, b
+        _run(kernels["weight_out"], nw, Mw, ms, o_first, o0, dw)
+        del Mw
+    if not np.isfinite(dw).all():
+        return _gemm_weight(x, dy, geom)
+    return dw.reshape(geom.w_shape)
+
+
+def _gemm_acc_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
+    """``c[p] += b[p].T @ a[p]`` for every ``p``: ``a (P, k, Y)``, ``b (P, k, X)`` and
+    ``c (P, X, Y)`` C-contiguous, one BLAS GEMM per ``p`` (Fortran ``c[p] (Y x X) +=
+    a[p] (Y x k) @ b[p]^T``, so BLAS's ``m`` is ``Y``); the call arguments are built
+    once, as the per-call ctypes overhead adds up over thousands of small products."""
+    P, k, Y = a.shape
+    X = b.shape[2]
+    if max(X, Y, k) > _INT_MAX:  # pragma: no cover - the workspace cap rules this out
+        raise ValueError("GEMM dimension exceeds the 32-bit BLAS limit")
+    if min(P, k, X, Y) == 0:
+        return
+    fn, ctype = _GEMM[c.dtype]
+    m_, n_, k_, lda, ldb = (ctypes.c_int(v) for v in (Y, X, k, Y, X))
+    one = ctype(1.0)
+    head = (b"N", b"T", ctypes.byref(m_), ctypes.byref(n_), ctypes.byref(k_), ctypes.byref(one))
+    ra, rb, rc = ctypes.byref(lda), ctypes.byref(ldb), ctypes.byref(one)
+    pa, pb, pc = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    sa, sb, sc = a.strides[0], b.strides[0], c.strides[0]
+    for p in range(P):
+        fn(*head, pa + p * sa, ra, pb + p * sb, rb, rc, pc + p * sc, ra)
+
+
+def _gemm_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """The weight gradient of the GEMM family (the engine's pick without Winograd)."""
+    from . import ALGORITHMS, _hwunfold_fits, _preferred_gemm, hwunfold
+
+    name = hwunfold.NAME if _hwunfold_fits(geom) else _preferred_gemm(geom)
+    return ALGORITHMS[name].backward_weight(x, dy, geom)
