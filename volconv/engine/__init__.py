@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import config
-from . import _autotune, _phases, depthwise, hwunfold, im2col, pointwise, tapgemm, winograd
+from . import _autotune, _phases, depthwise, fft, hwunfold, im2col, pointwise, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
 
 ALGORITHMS = {
@@ -48,6 +48,7 @@ ALGORITHMS = {
     hwunfold.NAME: hwunfold,
     winograd.NAME: winograd,
     pointwise.NAME: pointwise,
+    fft.NAME: fft,
 }
 
 __all__ = [
