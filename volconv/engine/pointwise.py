@@ -3,7 +3,8 @@
 A 1x1x1 kernel with no padding needs no unfolding and no padded block: with ``x[n]``
 seen as ``(G, Cg, P)`` (``P`` positions, a free reshape of C-ordered NCDHW),
 
-- forward: ``y[n] (G, Og, P) = W (G, Og, Cg) @ x[n]``, written straight into ``y``;
+- forward: ``y[n] (G, Og, P) = W (G, Og, Cg) @ x[n]``, written straight into ``y``
+  (SciPy's BLAS through ``_blas.gemm_batch``, like the rest of the engine);
 - input gradient: ``dx[n] = W^T @ dy[n]``;
 - weight gradient: ``dW_g += dy[n, g] (Og, P) @ x[n, g]^T (P, Cg)``, accumulated by
   BLAS (``gemm_nt_acc``: the long position axis is the reduction).
@@ -21,7 +22,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._blas import gemm_nt_acc
+from ._blas import gemm_batch, gemm_nt_acc
 from ._slabs import Slab, plan_slabs
 
 NAME = "pointwise"
@@ -57,13 +58,15 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     if not _strided(geom):
         x = np.ascontiguousarray(x)
         for n in range(geom.N):
-            np.matmul(wg, x[n].reshape(G, Cg, -1), out=y[n].reshape(G, Og, -1))
+            gemm_batch(wg, x[n].reshape(G, Cg, -1), y[n].reshape(G, Og, -1))
         return y
+    Ho, Wo = geom.spatial_out[1:]
     for slab in _slabs(geom, x.itemsize):
         xs = _gather(x, geom, slab)
         for i in range(slab.nb):
-            res = np.matmul(wg, xs[i]).reshape(geom.O, slab.dz, *geom.spatial_out[1:])
-            y[slab.n0 + i, :, slab.d0 : slab.d1] = res
+            res = np.empty((G, Og, xs.shape[3]), dtype=x.dtype)
+            gemm_batch(wg, xs[i], res)
+            y[slab.n0 + i, :, slab.d0 : slab.d1] = res.reshape(geom.O, slab.dz, Ho, Wo)
             del res
         del xs
     return y
@@ -76,7 +79,7 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
     if not _strided(geom):
         dx = np.empty(geom.in_shape, dtype=dy.dtype)
         for n in range(geom.N):
-            np.matmul(wt, dy[n].reshape(G, Og, -1), out=dx[n].reshape(G, Cg, -1))
+            gemm_batch(wt, dy[n].reshape(G, Og, -1), dx[n].reshape(G, Cg, -1))
         return dx
     # Stride s: only every s-th input sample is read, so only those get a gradient.
     dx = np.zeros(geom.in_shape, dtype=dy.dtype)
@@ -86,8 +89,11 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
         for i in range(slab.nb):
             n = slab.n0 + i
             part = np.ascontiguousarray(dy[n, :, slab.d0 : slab.d1]).reshape(G, Og, -1)
-            cols = np.matmul(wt, part).reshape(geom.C, slab.dz, Ho, Wo)
-            dx[n, :, slab.d0 * sd : slab.d1 * sd : sd, : Ho * sh : sh, : Wo * sw : sw] = cols
+            cols = np.empty((G, Cg, part.shape[2]), dtype=dy.dtype)
+            gemm_batch(wt, part, cols)
+            dx[n, :, slab.d0 * sd : slab.d1 * sd : sd, : Ho * sh : sh, : Wo * sw : sw] = (
+                cols.reshape(geom.C, slab.dz, Ho, Wo)
+            )
             del cols
     return dx
 

@@ -1,0 +1,54 @@
+"""``volconv.engine._blas.gemm_batch``: stacks of GEMMs through SciPy's BLAS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from volconv.engine._blas import gemm_batch
+
+SHAPES = [(3, 4, 5, 6), (1, 7, 1, 3), (5, 1, 9, 1), (2, 3, 0, 4), (2, 33, 17, 65)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B,m,k,n", SHAPES)
+def test_matches_matmul_in_every_layout(B, m, k, n, dtype):
+    rng = np.random.default_rng(B * 1000 + m * 100 + k * 10 + n)
+    a = rng.standard_normal((B, m, k)).astype(dtype)
+    b = rng.standard_normal((B, k, n)).astype(dtype)
+    ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    tol = 8 * np.finfo(dtype).eps * max(1, k) * max(1.0, float(np.abs(ref).max()))
+    c = np.full((B, m, n), np.nan, dtype=dtype)
+    gemm_batch(a, b, c)
+    np.testing.assert_allclose(c, ref, rtol=0, atol=tol)
+    # Column-major operands (transposed views) and accumulation with beta = 1.
+    a_t = np.ascontiguousarray(a.transpose(0, 2, 1)).transpose(0, 2, 1)
+    b_t = np.ascontiguousarray(b.transpose(0, 2, 1)).transpose(0, 2, 1)
+    gemm_batch(a_t, b_t, c, beta=1.0)
+    np.testing.assert_allclose(c, 2 * ref, rtol=0, atol=2 * tol)
+    # A batch stride of 0 broadcasts one matrix over the stack.
+    c0 = np.empty_like(c)
+    gemm_batch(np.broadcast_to(a[:1], a.shape), b, c0)
+    np.testing.assert_allclose(c0, np.matmul(a[:1].astype(np.float64), b), rtol=0, atol=tol)
+
+
+def test_row_strided_windows():
+    """Sub-matrices of a larger buffer go to BLAS with their leading dimension."""
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((2, 10, 12))
+    a, b = big[:, 1:4, 2:7], big[:, 3:8, 1:6]
+    c = np.zeros((2, 3, 5))
+    gemm_batch(a, b, c)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_operands_raise():
+    a = np.ones((2, 3, 4))
+    with pytest.raises(ValueError, match="do not chain"):
+        gemm_batch(a, np.ones((2, 5, 6)), np.ones((2, 3, 6)))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        gemm_batch(a, np.ones((2, 4, 6), np.float32), np.ones((2, 3, 6)))
+    with pytest.raises(ValueError, match="unit-stride"):
+        gemm_batch(np.ones((2, 6, 8))[:, ::2, ::2], np.ones((2, 4, 6)), np.ones((2, 3, 6)))
+    with pytest.raises(ValueError, match="row-major"):
+        gemm_batch(a, np.ones((2, 4, 6)), np.ones((2, 6, 3)).transpose(0, 2, 1))
