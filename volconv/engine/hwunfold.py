@@ -1,34 +1,103 @@
-"""Unfold H and W only, and accumulate one GEMM per depth tap: dense convolutions of any stride.
+"""Unfold H and W only, plane by plane; the depth taps stack into the GEMM.
 
 Full im2col copies every input sample ``kd*kh*kw`` times. Unfolding only the two
-in-plane axes copies it ``kh*kw`` times and lets BLAS walk the depth taps:
+in-plane axes copies it ``kh*kw`` times: ``col_q (C*kh*kw, P)`` is the in-plane unfolding
+of input plane ``q`` (``P`` = the output positions of one plane of the slab's items).
+Two orders let one GEMM still reduce over all three kernel axes:
 
-    col (C*kh*kw, sd, Q, nb, Ho, Wo)   (input planes grouped by phase z mod sd)
-    out (O, dz*nb*Ho*Wo) += W[:, :, a] (O, C*kh*kw) @ col[:, phase(a), q0(a) : q0(a) + dz]
+*Tap columns* (``K = kd*C*kh*kw``). With the planes stored one after another, the
+unfoldings of the ``kd`` consecutive planes that output plane ``z`` reads form one
+``(kd*C*kh*kw) x P`` operand without a copy::
 
-For depth tap ``a`` the output planes ``i = 0..dz-1`` read input planes
-``i*sd + a*dd``: all in phase ``(a*dd) mod sd`` at consecutive positions starting at
-``(a*dd) // sd``, so with planes stored phase-major the operand is one contiguous
-column window of ``col``, handed to BLAS with its leading dimension -- no copy, no
-wasted output. Depth stride costs nothing (polyphase along D); H/W stride and dilation
-are in the unfolding. The reduction per GEMM is ``K = C*kh*kw``, so this suits
-layers with few or middling channels (stems, 5x5x5, dilated, factorised (2+1)D) where
-per-tap GEMM (K = C) is too thin and full im2col copies too much.
+    y[:, z] (O x P) = W' (O x kd*C*kh*kw) @ col[z*sd - lo : z*sd - lo + kd]
 
-Gradients use the same windows: ``dW[:, :, a] += dy @ window.T`` and, for the input,
-``window += W[:, :, a].T @ dy`` followed by an in-plane col2im.
+written by BLAS straight into NCDHW (``ldc = Do*Ho*Wo``). Any depth stride (it only
+moves the window); with depth dilation each tap is its own GEMM, accumulated.
+
+*Tap rows* (``M = kd*O``), for depth stride and dilation 1 and a long enough
+``C*kh*kw`` (:data:`TAP_ROWS_MIN_K`): input plane ``q`` feeds the consecutive output
+planes ``z = q + lo - a``, so with the output slab kept plane-major (``acc (dz, O,
+P)``) the rows of all its taps are one block::
+
+    acc[q+lo-kd+1 : q+lo+1] (kd*O x P) += W'' (kd*O x C*kh*kw) @ col_q
+
+Each input plane is unfolded right before its one GEMM (into one reused buffer, in
+cache); each output plane is zeroed just before its first GEMM and copied out to NCDHW
+just after its last. With ``O = 64`` BLAS runs the tap-columns GEMMs of a 3-channel
+7x7 stem (``M = 64``) at ~140 GFLOP/s, the tap-rows ones (``M = 448``) at 260-290.
+
+Taps that would read depth padding are skipped in both (their weights are columns /
+rows of ``W'`` / ``W''``; the windows start and end later). The forward uses tap rows
+where :func:`_tap_rows`, the weight gradient where also ``C >= 8``, the input gradient
+always tap columns (measured, see the constants below):
+
+- tap rows: ``dW''[block] += dy[planes fed] @ col_q.T``, with ``dy`` copied plane-major
+  a plane at a time;
+- tap columns: ``dW' += dy[:, z] @ window.T`` and ``window += W'.T @ dy[:, z]``
+  accumulated in plane order, then the in-plane col2im of every plane.
+
+The unfolding and its adjoint are numba kernels (a strided view copied by numpy, and
+numpy adds, without numba). A kernel step copies the input rows a band of output rows
+reads into a zero-padded *polyphase* buffer ``buf[p_h, p_w, i, j] = x[i*sh + p_h - loh,
+j*sw + p_w - low]``, where every tap ``(b, e)`` reads unit-stride runs (phase ``(b*dh %
+sh, e*dw % sw)``, offset ``(b*dh // sh, e*dw // sw)``): in-plane stride 2 costs no
+strided access (the unfolding ran 2.7x faster than with strided reads). A col2im step
+owns a band of rows of one ``dx`` plane and adds its taps in a fixed order, so no
+result depends on the thread count. Plane-by-plane kernels run on one thread: after
+each GEMM OpenBLAS's idle thread spins ~0.1 s on the other core (measured), and a
+second numba thread only competed with it.
+
+Measured (2 cores, ms, interleaved in one process with 0.25 s pauses; before = the
+previous hwunfold, one GEMM per depth tap with ``K = C*kh*kw`` accumulated into a
+``(positions x O)`` buffer, or im2col where the chooser took it)::
+
+    layer                 forward        dx             dw
+    i3d_stem_7x7x7        132.6 -> 58.4  132.3 -> 60.1  109.9 -> 64.7
+    r3d18_stem_3x7x7      135.5 -> 86.1  108.8 -> 75.3   97.6 -> 74.9
+    c3d_conv1a (im2col)    69.4 -> 49.3   65.2 -> 36.1   75.2 -> 39.4
+    unet3d_enc1 (im2col)   61.5 -> 40.3   55.1 -> 26.9   59.8 -> 32.9
+
+and the other layers that take hwunfold, without pauses: c3d_conv5a forward 101 -> 88,
+dw 129 -> 73; dw of vnet_5x5x5 293 -> 117, unet3d_enc2 249 -> 167, unet3d_deep 71 ->
+57, dilated_d2 214 -> 182.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import config
+from . import _numba_runtime
 from ._args import ConvGeometry
-from ._blas import gemm_f, gemm_nt_acc
-from ._slabs import Slab, gather_block, input_window, plan_slabs, scatter_block_add
+from ._blas import gemm_f
+from ._numba_runtime import numba_available, run_tasks
+from ._slabs import Slab, gather_block, plan_slabs, scatter_block_add
 
 NAME = "hwunfold"
+
+#: Batch items share one GEMM only while a plane of the slab has fewer positions than
+#: this; above it every item is its own slab (tap columns write the output directly).
+_BATCH_POSITIONS = 2048
+
+#: Shortest in-plane reduction ``C*kh*kw`` for which the forward stacks the depth taps
+#: into the GEMM's rows (see :func:`_tap_rows`). Measured forward, tap rows vs tap
+#: columns (ms, 2 cores): i3d stem (K 147) 60 vs 95, R3D stem (K 147) 89 vs 118; C3D
+#: conv1a (K 27) 72 vs 51, U-Net enc1 (K 9) 78 vs 43 (short reductions leave the
+#: plane-major accumulator's traffic and copy-out uncovered).
+TAP_ROWS_MIN_K = 64
+
+#: Fewest input channels for which the weight gradient stacks tap rows too. Measured
+#: (ms, rows vs columns): vnet_5x5x5 (C 16) 116 vs 270, unet3d_enc2 (C 32) 163 vs 221,
+#: c3d_conv5a (C 512) 76 vs 153; the 3-channel stems do better with columns (R3D 75-76
+#: vs 65-67, i3d 62-65 vs 61-62): their plane-by-plane unfolding is the larger share.
+_TAP_ROWS_MIN_C_WEIGHT = 8
+
+#: Threads of the unfold / col2im kernels when they alternate with BLAS plane by
+#: plane: OpenBLAS's threads spin for a while after each GEMM and take the other core,
+#: so a second numba thread only competes with them (measured: slightly slower).
+_INTERLEAVED_THREADS = 1
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -46,179 +115,616 @@ def _leading_dim(row: int, itemsize: int) -> int:
     return ld
 
 
-def _layout(geom: ConvGeometry, slab: Slab, itemsize: int = 4):
-    """(starts, lengths, Q, row stride, window width) of a slab's column buffer."""
-    starts, lengths = input_window(geom, slab.dz, slab.d0)
-    sd = geom.stride[0]
-    Q = -(-lengths[0] // sd)
+# --------------------------------------------------------------------------- planning
+
+
+def _tap_rows(geom: ConvGeometry) -> bool:
+    """Whether the depth taps go into the GEMM's rows (``M = kd*O``) rather than its
+    reduction (``K = kd*C*kh*kw``); see the module notes."""
+    kd, kh, kw = geom.kernel
+    return (
+        kd > 1
+        and geom.stride[0] == 1
+        and geom.dilation[0] == 1
+        and geom.C * kh * kw >= TAP_ROWS_MIN_K
+    )
+
+
+def _plane_range(geom: ConvGeometry, d0: int, d1: int) -> tuple[int, int]:
+    """Input planes ``[q0, q1)`` read by output planes ``d0:d1`` (padding excluded)."""
+    sd, dd, kd = geom.stride[0], geom.dilation[0], geom.kernel[0]
+    lo, D = geom.pads[0][0], geom.spatial_in[0]
+    q0 = max(0, d0 * sd - lo)
+    q1 = min(D, (d1 - 1) * sd - lo + (kd - 1) * dd + 1)
+    return q0, max(q0, q1)
+
+
+def _max_batch(geom: ConvGeometry) -> int:
+    """Most items per slab: enough for ``_BATCH_POSITIONS`` positions, 1 on large planes."""
+    plane = max(1, geom.spatial_out[1] * geom.spatial_out[2])
+    return 1 if plane >= _BATCH_POSITIONS else -(-_BATCH_POSITIONS // plane)
+
+
+def _cost(geom: ConvGeometry, itemsize: int, rows: bool):
+    """Scratch bytes of a slab. Tap rows: one plane's unfolding and the slab's output or
+    ``dy`` plane-major. Tap columns: the unfolding of every input plane of the slab, and
+    for batched slabs one plane of output or ``dy`` gathered."""
+    kd, kh, kw = geom.kernel
+    sd, dd = geom.stride[0], geom.dilation[0]
     _, Ho, Wo = geom.spatial_out
-    plane = slab.nb * Ho * Wo
-    return starts, lengths, Q, _leading_dim(sd * Q * plane, itemsize), slab.dz * plane
-
-
-def _column_buffer(geom: ConvGeometry, slab: Slab, dtype, zero: bool):
-    """The ``(C*kh*kw, ld)`` buffer and its ``(C, kh, kw, sd, Q, nb, Ho, Wo)`` view."""
-    _, _, Q, ld, _ = _layout(geom, slab, np.dtype(dtype).itemsize)
-    kh, kw = geom.kernel[1:]
-    _, Ho, Wo = geom.spatial_out
-    shape = (geom.C, kh, kw, geom.stride[0], Q, slab.nb, Ho, Wo)
-    buf = (np.zeros if zero else np.empty)((geom.C * kh * kw, ld), dtype=dtype)
-    row = geom.stride[0] * Q * slab.nb * Ho * Wo
-    view = buf[:, :row].reshape(shape)
-    assert np.shares_memory(view, buf)
-    return buf, view
-
-
-def _cost(geom: ConvGeometry, itemsize: int):
-    kh, kw = geom.kernel[1:]
+    K2 = geom.C * kh * kw
+    D = geom.spatial_in[0]
+    nb_max = _max_batch(geom)
+    numpy_block = 0 if numba_available() else geom.C * _padded_plane(geom)
 
     def cost(nb: int, dz: int) -> int:
-        _, lengths, _, row, width = _layout(geom, Slab(0, nb, 0, dz))
-        block = nb * geom.C * lengths[0] * lengths[1] * lengths[2]
-        return itemsize * (block + geom.C * kh * kw * row + 2 * geom.O * width)
+        if nb > nb_max:
+            return 1 << 62
+        P = nb * Ho * Wo
+        planes = 1 if rows else min(D, (dz - 1) * sd + (kd - 1) * dd + 1)
+        extra = geom.O * P * (dz if rows else (nb > 1))
+        return itemsize * (planes * K2 * _leading_dim(P, itemsize) + extra + nb * numpy_block)
 
     return cost
 
 
-def _slabs(geom: ConvGeometry, itemsize: int):
-    return plan_slabs(geom, _cost(geom, itemsize), config.workspace_bytes)
-
-
-def _phase_views(block: np.ndarray, geom: ConvGeometry, Q: int):
-    """Per depth phase ``r``: a strided view ``(C, kh, kw, Q_r, nb, Ho, Wo)`` of the block."""
-    sN, sC, sZ, sH, sW = block.strides
-    Dz = block.shape[2]
-    (kh, kw), (dh, dw) = geom.kernel[1:], geom.dilation[1:]
-    sd, sh, sw = geom.stride
+def _padded_plane(geom: ConvGeometry) -> int:
+    (kh, kw), (dh, dw), (sh, sw) = geom.kernel[1:], geom.dilation[1:], geom.stride[1:]
     _, Ho, Wo = geom.spatial_out
-    nb, C = block.shape[:2]
-    views = []
-    for r in range(sd):
-        Qr = max(0, -(-(Dz - r) // sd))
-        shape = (C, kh, kw, Qr, nb, Ho, Wo)
-        strides = (sC, sH * dh, sW * dw, sZ * sd, sN, sH * sh, sW * sw)
-        base = block[:, :, r:] if Qr else block
-        views.append(np.lib.stride_tricks.as_strided(base, shape, strides, writeable=True))
-    return views
+    return ((Ho - 1) * sh + (kh - 1) * dh + 1) * ((Wo - 1) * sw + (kw - 1) * dw + 1)
+
+
+def _slabs(geom: ConvGeometry, itemsize: int, rows: bool):
+    return plan_slabs(geom, _cost(geom, itemsize, rows), config.workspace_bytes)
+
+
+def _runs(geom: ConvGeometry, z: int):
+    """Tap columns: output plane ``z``'s depth taps as ``(a0, a1, q)``: taps ``a0:a1``
+    read the consecutive input planes ``q, q+1, ...`` (one run; one run per tap when
+    dilated). Taps that would read depth padding are left out (their products are 0)."""
+    sd, dd, kd = geom.stride[0], geom.dilation[0], geom.kernel[0]
+    lo, D = geom.pads[0][0], geom.spatial_in[0]
+    base = z * sd - lo
+    valid = [a for a in range(kd) if 0 <= base + a * dd < D]
+    if not valid:
+        return []
+    if dd == 1:
+        return [(valid[0], valid[-1] + 1, base + valid[0])]
+    return [(a, a + 1, base + a * dd) for a in valid]
+
+
+def _row_block(geom: ConvGeometry, q: int, d0: int, d1: int) -> tuple[int, int, int]:
+    """Tap rows: the output planes ``[z0, z1)`` of ``d0:d1`` that input plane ``q``
+    feeds (tap ``a = q + lo - z``), and the first row of their block of ``W''``."""
+    kd, lo = geom.kernel[0], geom.pads[0][0]
+    z0, z1 = max(d0, q + lo - kd + 1), min(d1, q + lo + 1)
+    return z0, z1, (kd - 1 - q - lo + z0) * geom.O
+
+
+def _plane_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``W' (O, kd*C*kh*kw)``, columns ordered ``(a, c, b, e)``: tap ``a``'s block first."""
+    kd, kh, kw = geom.kernel
+    w5 = w.reshape(geom.O, geom.C, kd, kh, kw).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(w5).reshape(geom.O, kd * geom.C * kh * kw)
+
+
+def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``W'' (kd*O, C*kh*kw)``, rows ordered ``(kd-1-a, o)``: the taps that carry one
+    input plane to output planes ``z, z+1, ...`` are consecutive row blocks."""
+    kd, kh, kw = geom.kernel
+    w5 = w.reshape(geom.O, geom.C, kd, kh, kw)[:, :, ::-1].transpose(2, 0, 1, 3, 4)
+    return np.ascontiguousarray(w5).reshape(kd * geom.O, geom.C * kh * kw)
+
+
+def _geo(geom: ConvGeometry, nb: int) -> np.ndarray:
+    """Integer parameters of the numba kernels."""
+    _, H, W = geom.spatial_in
+    (kh, kw), (sh, sw), (dh, dw) = geom.kernel[1:], geom.stride[1:], geom.dilation[1:]
+    _, Ho, Wo = geom.spatial_out
+    loh, low = geom.pads[1][0], geom.pads[2][0]
+    vals = (geom.C, H, W, kh, kw, sh, sw, dh, dw, loh, low, Ho, Wo, nb)
+    return np.array(vals, dtype=np.int64)
+
+
+# ----------------------------------------------------------------- kernels (numba)
+
+
+def _unfold_worker(task, ntasks, x, col, n0, q0, geo, band):  # pragma: no cover - compiled
+    """``col[qi, (c, b, e), (n, h, w)] = x[n0 + n, c, q0 + qi, h*sh + b*dh - loh,
+    w*sw + e*dw - low]`` (zero in the padding). A step is a band of ``band`` output rows
+    of one ``(plane, item, c)``: it fills the polyphase buffer of the input rows they
+    read, then copies each tap's unit-stride runs (one per output row)."""
+    C, H, W, kh, kw, sh, sw, dh, dw, loh, low, Ho, Wo, nb = (
+        geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6],
+        geo[7], geo[8], geo[9], geo[10], geo[11], geo[12], geo[13],
+    )  # fmt: skip
+    nq = col.shape[0]
+    Wq = ((Wo - 1) * sw + (kw - 1) * dw) // sw + 1
+    ohm = ((kh - 1) * dh) // sh
+    R = band + ohm  # phase rows a band reads
+    buf = np.empty((sh, sw, R * Wq), dtype=col.dtype)
+    nbands = (Ho + band - 1) // band
+    for item in range(task, nq * nb * C * nbands, ntasks):
+        r = item % nbands
+        c = (item // nbands) % C
+        n = (item // (nbands * C)) % nb
+        qi = item // (nbands * C * nb)
+        src = x[n0 + n, c, q0 + qi]
+        h0 = r * band
+        hb = min(Ho, h0 + band) - h0
+        for ph in range(sh):
+            for i in range(hb + ohm):
+                iy = (h0 + i) * sh + ph - loh
+                for pw in range(sw):
+                    dst = buf[ph, pw, i * Wq : (i + 1) * Wq]
+                    if iy < 0 or iy >= H:
+                        for j in range(Wq):
+                            dst[j] = 0
+                        continue
+                    # j with 0 <= j*sw + pw - low < W
+                    j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
+                    j1 = j0
+                    if W - 1 + low - pw >= 0:
+                        j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+                    for j in range(j0):
+                        dst[j] = 0
+                    if j1 > j0:
+                        # columns j0*sw + pw - low, then every sw-th
+                        srow = src[iy, j0 * sw + pw - low :]
+                        part = dst[j0:j1]
+                        for j in range(j1 - j0):
+                            part[j] = srow[j * sw]
+                    for j in range(j1, Wq):
+                        dst[j] = 0
+        for b in range(kh):
+            ph = (b * dh) % sh
+            oh = (b * dh) // sh
+            for e in range(kw):
+                # (slices first: a loop index known to be >= 0 vectorises)
+                row = col[qi, (c * kh + b) * kw + e, (n * Ho + h0) * Wo :]
+                s = buf[ph, (e * dw) % sw, oh * Wq + (e * dw) // sw :]
+                for hr in range(hb):
+                    d = row[hr * Wo : (hr + 1) * Wo]
+                    t = s[hr * Wq : hr * Wq + Wo]
+                    for j in range(Wo):
+                        d[j] = t[j]
+
+
+def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover - compiled
+    """The adjoint of :func:`_unfold_worker`: ``dx[n0 + n, c,
+    q0 + qi] +=`` every column entry that came from it. A step owns a band of ``band``
+    phase rows (every phase) of one ``dx`` plane: it sums their entries in a polyphase
+    buffer, taps ``(b, e)`` in order, then adds the buffer into ``dx``."""
+    C, H, W, kh, kw, sh, sw, dh, dw, loh, low, Ho, Wo, nb = (
+        geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6],
+        geo[7], geo[8], geo[9], geo[10], geo[11], geo[12], geo[13],
+    )  # fmt: skip
+    nq = col.shape[0]
+    Wq = ((Wo - 1) * sw + (kw - 1) * dw) // sw + 1
+    Hq = Ho + ((kh - 1) * dh) // sh  # phase rows read
+    buf = np.empty((sh, sw, band * Wq), dtype=col.dtype)
+    nbands = (Hq + band - 1) // band
+    for item in range(task, nq * nb * C * nbands, ntasks):
+        r = item % nbands
+        c = (item // nbands) % C
+        n = (item // (nbands * C)) % nb
+        qi = item // (nbands * C * nb)
+        i0 = r * band
+        ib = min(Hq, i0 + band) - i0
+        for ph in range(sh):
+            for pw in range(sw):
+                t = buf[ph, pw]
+                for k in range(ib * Wq):
+                    t[k] = 0
+        for b in range(kh):
+            ph = (b * dh) % sh
+            oh = (b * dh) // sh
+            h0 = max(0, i0 - oh)
+            h1 = min(Ho, i0 + ib - oh)
+            for e in range(kw):
+                row = col[qi, (c * kh + b) * kw + e]
+                t = buf[ph, (e * dw) % sw]
+                ow = (e * dw) // sw
+                for h in range(h0, h1):
+                    k0 = (h + oh - i0) * Wq + ow
+                    s0 = (n * Ho + h) * Wo
+                    d = t[k0 : k0 + Wo]
+                    v = row[s0 : s0 + Wo]
+                    for j in range(Wo):
+                        d[j] += v[j]
+        dst = dx[n0 + n, c, q0 + qi]
+        for ph in range(sh):
+            for i in range(ib):
+                iy = (i0 + i) * sh + ph - loh
+                if iy < 0 or iy >= H:
+                    continue
+                for pw in range(sw):
+                    j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
+                    j1 = j0
+                    if W - 1 + low - pw >= 0:
+                        j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+                    if j1 > j0:
+                        d = dst[iy, j0 * sw + pw - low :]
+                        t = buf[ph, pw, i * Wq + j0 : i * Wq + j1]
+                        for j in range(j1 - j0):
+                            d[j * sw] += t[j]
+
+
+_jitted: dict | None = None
+_jit_lock = threading.Lock()
+
+
+def _kernels() -> dict:
+    """Compile (or load from numba's cache) the kernels, once per process."""
+    global _jitted
+    with _jit_lock:
+        if _jitted is None:
+            import numba
+
+            # fastmath off: the col2im sums keep the order written here.
+            jit = numba.njit(cache=True, fastmath=False, nogil=True)
+            _jitted = {
+                "numba": numba,
+                "unfold": jit(_unfold_worker),
+                "fold": jit(_fold_worker),
+            }
+    return _jitted
+
+
+def _band(rows: int, planes: int, nw: int) -> int:
+    """Rows per kernel step: whole planes when there are enough of them for the threads'
+    tasks, else bands of rows (set by the geometry and thread count only)."""
+    want = -(-_numba_runtime.TASKS_PER_THREAD * nw // max(1, planes)) if nw > 1 else 1
+    return max(1, -(-rows // max(1, want)))
+
+
+def _threads(interleaved: bool) -> int:
+    if interleaved:
+        return _INTERLEAVED_THREADS
+    return int(_kernels()["numba"].get_num_threads())
+
+
+# ------------------------------------------------------------------ unfold / fold
+
+
+class _Scratch:
+    """Buffers reused by the slabs of one call (the slabs of a plan have the same sizes
+    but at the edges, so every slab after the first one writes to memory in cache rather
+    than to freshly mapped pages)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.buffers: dict = {}
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        size = int(np.prod(shape))
+        flat = self.buffers.get(name)
+        if flat is None or flat.size < size:
+            self.buffers[name] = flat = None  # free the old one before allocating
+            self.buffers[name] = flat = np.empty(size, dtype=self.dtype)
+        return flat[:size].reshape(shape)
+
+
+def _column_buffer(geom: ConvGeometry, slab: Slab, dtype, planes: int | None = None, scratch=None):
+    """``(planes, C*kh*kw, ld)`` (by default the slab's input planes), and ``(q0, P, ld)``."""
+    q0, q1 = _plane_range(geom, slab.d0, slab.d1)
+    P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
+    ld = _leading_dim(P, np.dtype(dtype).itemsize)
+    K2 = geom.C * geom.kernel[1] * geom.kernel[2]
+    shape = (q1 - q0 if planes is None else planes, K2, ld)
+    col = np.empty(shape, dtype=dtype) if scratch is None else scratch.get("col", shape)
+    return col, q0, P, ld
+
+
+def _plane_view(block: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``(C, kh, kw, nb, Ho, Wo)`` strided view of a padded ``(nb, C, 1, Hp, Wp)`` block."""
+    sN, sC, _, sH, sW = block.strides
+    (kh, kw), (dh, dw), (sh, sw) = geom.kernel[1:], geom.dilation[1:], geom.stride[1:]
+    _, Ho, Wo = geom.spatial_out
+    shape = (geom.C, kh, kw, block.shape[0], Ho, Wo)
+    strides = (sC, sH * dh, sW * dw, sN, sH * sh, sW * sw)
+    return np.lib.stride_tricks.as_strided(block, shape, strides, writeable=True)
+
+
+def _plane_window(geom: ConvGeometry, q: int):
+    _, Ho, Wo = geom.spatial_out
+    (kh, kw), (dh, dw), (sh, sw) = geom.kernel[1:], geom.dilation[1:], geom.stride[1:]
+    starts = (q, -geom.pads[1][0], -geom.pads[2][0])
+    lengths = (1, (Ho - 1) * sh + (kh - 1) * dh + 1, (Wo - 1) * sw + (kw - 1) * dw + 1)
+    return starts, lengths
 
 
 def _unfold(x: np.ndarray, geom: ConvGeometry, slab: Slab):
-    starts, lengths, Q, ld, width = _layout(geom, slab, x.itemsize)
-    block = gather_block(x, slab.n0, slab.n1, starts, lengths)
-    col, colv = _column_buffer(geom, slab, x.dtype, zero=False)
-    for r, view in enumerate(_phase_views(block, geom, Q)):
-        np.copyto(colv[:, :, :, r, : view.shape[3]], view)
-    return col, ld, width
+    """The slab's input planes, unfolded: ``(col, q0, P, ld)``."""
+    col, q0, P, ld = _column_buffer(geom, slab, x.dtype)
+    _unfold_into(col, x, geom, slab, q0, interleaved=False)
+    return col, q0, P, ld
 
 
-def _windows(geom: ConvGeometry, slab: Slab):
-    """Per depth tap: ``(a, first column of its window, first output column, width)``.
-
-    Output planes whose input plane for this tap lies in the depth padding are left out
-    of the window: their products are zeros, so skipping them only saves work (a third
-    of all taps on C3D conv5a's two-plane input).
-    """
-    sd, dd = geom.stride[0], geom.dilation[0]
-    lo, D = geom.pads[0][0], geom.spatial_in[0]
-    _, Ho, Wo = geom.spatial_out
-    plane = slab.nb * Ho * Wo
-    Q = -(-input_window(geom, slab.dz, slab.d0)[1][0] // sd)
-    for a in range(geom.kernel[0]):
-        r, q0 = (a * dd) % sd, (a * dd) // sd
-        # output plane d reads input plane d*sd + a*dd - lo, which must lie in [0, D)
-        first = max(slab.d0, -(-(lo - a * dd) // sd))
-        last = min(slab.d1, (D - 1 + lo - a * dd) // sd + 1)
-        if last <= first:
-            continue
-        i0 = first - slab.d0
-        yield a, (r * Q + q0 + i0) * plane, i0 * plane, (last - first) * plane
+def _unfold_into(col, x, geom: ConvGeometry, slab: Slab, q0: int, interleaved: bool):
+    """``col[i]`` = the in-plane unfolding of input plane ``q0 + i`` of the slab's items."""
+    if col.shape[0] == 0:
+        return
+    if numba_available():
+        nw = _threads(interleaved)
+        band = _band(geom.spatial_out[1], col.shape[0] * slab.nb * geom.C, nw)
+        geo = _geo(geom, slab.nb)
+        run_tasks(_kernels()["unfold"], nw, x, col, slab.n0, q0, geo, band)
+        return
+    P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
+    block = None
+    for qi in range(col.shape[0]):
+        starts, lengths = _plane_window(geom, q0 + qi)
+        block = gather_block(x, slab.n0, slab.n1, starts, lengths, out=block)
+        view = _plane_view(block, geom)
+        dst = col[qi, :, :P].reshape(view.shape)
+        assert np.shares_memory(dst, col)
+        np.copyto(dst, view)
 
 
-def _tap_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``(kd, O, C*kh*kw)``: each depth tap's weight matrix, contiguous."""
-    kd, kh, kw = geom.kernel
-    return np.ascontiguousarray(w.reshape(geom.O, geom.C, kd, kh, kw).transpose(2, 0, 1, 3, 4))
+def _fold(dx, col, geom: ConvGeometry, slab: Slab, q0: int, interleaved: bool):
+    """``dx += col2im(col)`` for input planes ``q0, q0 + 1, ...``."""
+    if col.shape[0] == 0:
+        return
+    if numba_available():
+        nw = _threads(interleaved)
+        (kh, dh, sh), Ho = (geom.kernel[1], geom.dilation[1], geom.stride[1]), geom.spatial_out[1]
+        band = _band(Ho + (kh - 1) * dh // sh, col.shape[0] * slab.nb * geom.C, nw)
+        geo = _geo(geom, slab.nb)
+        run_tasks(_kernels()["fold"], nw, dx, col, slab.n0, q0, geo, band)
+        return
+    P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
+    kh, kw = geom.kernel[1:]
+    block = None
+    for qi in range(col.shape[0]):
+        starts, lengths = _plane_window(geom, q0 + qi)
+        if block is None:
+            block = np.zeros((slab.nb, geom.C, *lengths), dtype=dx.dtype)
+        else:
+            block[...] = 0
+        view = _plane_view(block, geom)
+        cols = col[qi, :, :P].reshape(view.shape)
+        # One in-plane tap at a time: within a tap the windows never overlap.
+        for b in range(kh):
+            for e in range(kw):
+                view[:, b, e] += cols[:, b, e]
+        scatter_block_add(dx, block, slab.n0, slab.n1, starts)
 
 
-def _dy_slab(dy: np.ndarray, slab: Slab) -> np.ndarray:
-    """``dy`` of the slab as ``(O, dz, nb, Ho, Wo)``, the column order of the windows."""
-    part = dy[slab.n0 : slab.n1, :, slab.d0 : slab.d1]
-    return np.ascontiguousarray(part.transpose(1, 2, 0, 3, 4))
+# --------------------------------------------------------------------- entry points
+
+
+def _plane_major(a: np.ndarray, slab: Slab, z: int) -> np.ndarray:
+    """Plane ``z`` of ``a`` (NCDHW) for the slab's items, as a view ``(O, nb, Ho, Wo)``."""
+    return a[slab.n0 : slab.n1, :, z].transpose(1, 0, 2, 3)
+
+
+def _slab_plane(acc: np.ndarray, geom: ConvGeometry, slab: Slab, zi: int) -> np.ndarray:
+    """Plane ``zi`` of a plane-major slab ``(dz, O, P)`` as ``(O, nb, Ho, Wo)``."""
+    return acc[zi].reshape(geom.O, slab.nb, *geom.spatial_out[1:])
 
 
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    O, isz = geom.O, x.itemsize
-    K = geom.C * geom.kernel[1] * geom.kernel[2]
-    wa = _tap_weights(w, geom)
+    x = np.ascontiguousarray(x)
+    w = w.astype(x.dtype, copy=False)
     out = np.empty(geom.out_shape, dtype=x.dtype)
-    _, Ho, Wo = geom.spatial_out
-    for slab in _slabs(geom, isz):
-        col, row, width = _unfold(x, geom, slab)
-        acc = np.zeros((O, slab.dz, slab.nb, Ho, Wo), dtype=x.dtype)
-        for a, start, at, cols in _windows(geom, slab):
-            # Fortran: acc^T (cols x O) += window^T (cols x K) @ W_a^T (K x O)
-            gemm_f(
-                x.dtype, False, False, cols, O, K,
-                col.ctypes.data + start * isz, row,
-                wa.ctypes.data + a * O * K * isz, K,
-                acc.ctypes.data + at * isz, width,
-                1.0,
-            )  # fmt: skip
-        out[slab.n0 : slab.n1, :, slab.d0 : slab.d1] = acc.transpose(2, 0, 1, 3, 4)
-        del col, acc  # free this slab's scratch before the next slab allocates its own
+    if _tap_rows(geom):
+        _forward_tap_rows(x, w, geom, out)
+    else:
+        _forward_tap_columns(x, w, geom, out)
     return out
 
 
-def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    O, isz = geom.O, x.itemsize
+def _forward_tap_columns(x, w, geom: ConvGeometry, out) -> None:
+    """One GEMM per output plane over the window of its input planes (``K = kd*K2``)."""
+    O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, kh, kw = geom.kernel
-    K = geom.C * kh * kw
-    o_rows = O <= K  # the operand with fewer rows goes second (see gemm_nt_acc)
-    acc = np.zeros((kd, K, O) if o_rows else (kd, O, K), dtype=x.dtype)
-    for slab in _slabs(geom, isz):
-        col, row, width = _unfold(x, geom, slab)
-        dys = _dy_slab(dy, slab)
-        for a, start, at, cols in _windows(geom, slab):
-            window = (col.ctypes.data + start * isz, row, K)
-            grad = (dys.ctypes.data + at * isz, width, O)
-            first, second = (window, grad) if o_rows else (grad, window)
-            # dW_a += dy (O x cols) @ window.T (cols x K), in either orientation
-            gemm_nt_acc(
-                x.dtype, first[0], first[1], second[0], second[1],
-                acc.ctypes.data + a * O * K * isz, first[2], second[2], cols,
-            )  # fmt: skip
-        del col, dys  # free this slab's scratch before the next slab allocates its own
-    dwa = acc if o_rows else acc.transpose(0, 2, 1)  # (kd, K, O)
-    dw = dwa.reshape(kd, geom.C, kh, kw, O).transpose(4, 1, 0, 2, 3)
+    K2 = geom.C * kh * kw
+    wk = _plane_weights(w, geom)
+    Do, Ho, Wo = geom.spatial_out
+    for slab in _slabs(geom, isz, rows=False):
+        col, q0, P, ld = _unfold(x, geom, slab)
+        tmp = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        for z in range(slab.d0, slab.d1):
+            if tmp is None:
+                c_ptr = out.ctypes.data + ((slab.n0 * O) * Do + z) * Ho * Wo * isz
+                ldc = Do * Ho * Wo
+            else:
+                c_ptr, ldc = tmp.ctypes.data, P
+            runs = _runs(geom, z)
+            for i, (a0, a1, q) in enumerate(runs):
+                # Fortran: y_z^T (P x O) (+)= window^T (P x K) @ W'[:, a0:a1]^T (K x O)
+                gemm_f(
+                    dtype, False, False, P, O, (a1 - a0) * K2,
+                    col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
+                    wk.ctypes.data + a0 * K2 * isz, kd * K2,
+                    c_ptr, ldc,
+                    1.0 if i else 0.0,
+                )  # fmt: skip
+            if tmp is not None:
+                if not runs:
+                    tmp[...] = 0
+                _plane_major(out, slab, z)[...] = tmp.reshape(O, slab.nb, Ho, Wo)
+            elif not runs:
+                out[slab.n0, :, z] = 0
+        del col, tmp  # free this slab's scratch before the next slab allocates its own
+
+
+def _forward_tap_rows(x, w, geom: ConvGeometry, out) -> None:
+    """One GEMM per input plane, ``W'' (kd*O x K2)`` at once, accumulating the block of
+    the output planes it feeds in a plane-major slab. Each input plane is unfolded just
+    before its GEMM; each output plane is zeroed just before its first GEMM and copied
+    out just after its last (all three while it is in cache)."""
+    O, isz, dtype = geom.O, x.itemsize, x.dtype
+    kd, lo = geom.kernel[0], geom.pads[0][0]
+    K2 = geom.C * geom.kernel[1] * geom.kernel[2]
+    wm = _row_weights(w, geom)
+    scratch = _Scratch(dtype)  # the slabs' buffers, reused from slab to slab
+    for slab in _slabs(geom, isz, rows=True):
+        col, q0, P, ld = _column_buffer(geom, slab, dtype, planes=1, scratch=scratch)
+        q1 = _plane_range(geom, slab.d0, slab.d1)[1]
+        acc = scratch.get("acc", (slab.dz, O, P))
+        zeroed = done = slab.d0  # planes before these are zeroed / copied out
+        for q in range(q0, q1):
+            z0, z1, r0 = _row_block(geom, q, slab.d0, slab.d1)
+            if z1 > z0:
+                acc[zeroed - slab.d0 : z1 - slab.d0] = 0
+                zeroed = max(zeroed, z1)
+                _unfold_into(col, x, geom, slab, q, interleaved=True)
+                # Fortran: acc[z0:z1]^T (P x rows) += col_q^T (P x K2) @ W''[r0:]^T (K2 x rows)
+                gemm_f(
+                    dtype, False, False, P, (z1 - z0) * O, K2,
+                    col.ctypes.data, ld,
+                    wm.ctypes.data + r0 * K2 * isz, K2,
+                    acc.ctypes.data + (z0 - slab.d0) * O * P * isz, P,
+                    1.0,
+                )  # fmt: skip
+            last = slab.d1 if q == q1 - 1 else min(slab.d1, q + lo - kd + 2)
+            for z in range(done, last):  # complete: no later input plane feeds them
+                if z < zeroed:
+                    _plane_major(out, slab, z)[...] = _slab_plane(acc, geom, slab, z - slab.d0)
+                else:  # no input plane feeds it (all padding)
+                    out[slab.n0 : slab.n1, :, z] = 0
+            done = max(done, last)
+        for z in range(done, slab.d1):  # no input plane at all
+            out[slab.n0 : slab.n1, :, z] = 0
+
+
+def _dy_plane(dy: np.ndarray, slab: Slab, z: int, buf):
+    """Pointer and row stride of ``dy[slab items, :, z]`` as an ``(O, P)`` matrix."""
+    O, Do = dy.shape[1], dy.shape[2]
+    plane = dy.shape[3] * dy.shape[4]
+    if buf is None:
+        return dy.ctypes.data + ((slab.n0 * O) * Do + z) * plane * dy.itemsize, Do * plane
+    buf.reshape(O, slab.nb, *dy.shape[3:])[...] = _plane_major(dy, slab, z)
+    return buf.ctypes.data, slab.nb * plane
+
+
+class _DyPlanes:
+    """``dy`` of a slab, plane-major ``(dz, O, P)``, each plane copied in when first
+    asked for (while the GEMMs that read it are near)."""
+
+    def __init__(self, dy: np.ndarray, geom: ConvGeometry, slab: Slab, scratch: _Scratch):
+        self.dy, self.geom, self.slab = dy, geom, slab
+        P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
+        self.data = scratch.get("dy", (slab.dz, geom.O, P))
+        self.ready = slab.d0
+
+    def upto(self, z1: int) -> None:
+        """Make planes ``< z1`` ready."""
+        slab = self.slab
+        for z in range(self.ready, z1):
+            _slab_plane(self.data, self.geom, slab, z - slab.d0)[...] = _plane_major(
+                self.dy, slab, z
+            )
+        self.ready = max(self.ready, z1)
+
+
+def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    O, kd, kh, kw = geom.O, *geom.kernel
+    if _tap_rows(geom) and geom.C >= _TAP_ROWS_MIN_C_WEIGHT:
+        acc = _backward_weight_tap_rows(x, dy, geom)  # (kd*O, K2), rows (kd-1-a, o)
+        dw = acc.reshape(kd, O, geom.C, kh, kw)[::-1].transpose(1, 2, 0, 3, 4)
+    else:
+        acc = _backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2), columns (a, c, b, e)
+        dw = acc.reshape(O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
     return np.ascontiguousarray(dw).reshape(geom.w_shape)
 
 
-def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    O, isz = geom.O, dy.itemsize
+def _backward_weight_tap_columns(x, dy, geom: ConvGeometry) -> np.ndarray:
+    O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, kh, kw = geom.kernel
-    K = geom.C * kh * kw
-    wa = _tap_weights(w, geom)
-    dx = np.zeros(geom.in_shape, dtype=dy.dtype)
-    _, Ho, Wo = geom.spatial_out
-    for slab in _slabs(geom, isz):
-        starts, lengths, Q, row, width = _layout(geom, slab, isz)
-        col, colv = _column_buffer(geom, slab, dy.dtype, zero=True)
-        dys = _dy_slab(dy, slab)
-        for a, start, at, cols in _windows(geom, slab):
-            # Fortran: window^T (cols x K) += dy^T (cols x O) @ W_a (O x K)
+    K2 = geom.C * kh * kw
+    K = kd * K2
+    o_rows = O <= K  # the operand with fewer rows goes second (see _blas.gemm_nt_acc)
+    acc = np.zeros((K, O) if o_rows else (O, K), dtype=dtype)
+    for slab in _slabs(geom, isz, rows=False):
+        col, q0, P, ld = _unfold(x, geom, slab)
+        buf = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        for z in range(slab.d0, slab.d1):
+            runs = _runs(geom, z)
+            if not runs:
+                continue
+            g_ptr, ldg = _dy_plane(dy, slab, z, buf)
+            for a0, a1, q in runs:
+                w_ptr = col.ctypes.data + (q - q0) * K2 * ld * isz
+                kr = (a1 - a0) * K2
+                if o_rows:
+                    # acc[a0*K2 : a1*K2] (kr x O) += window (kr x P) @ dy_z.T (P x O)
+                    c_ptr = acc.ctypes.data + a0 * K2 * O * isz
+                    gemm_f(dtype, True, False, O, kr, P, g_ptr, ldg, w_ptr, ld, c_ptr, O, 1.0)
+                else:
+                    # acc[:, a0*K2 : a1*K2] (O x kr) += dy_z (O x P) @ window.T (P x kr)
+                    c_ptr = acc.ctypes.data + a0 * K2 * isz
+                    gemm_f(dtype, True, False, kr, O, P, w_ptr, ld, g_ptr, ldg, c_ptr, K, 1.0)
+        del col, buf  # free this slab's scratch before the next slab allocates its own
+    return acc.T if o_rows else acc
+
+
+def _backward_weight_tap_rows(x, dy, geom: ConvGeometry) -> np.ndarray:
+    """Per input plane: ``dW''[block] += dy[planes it fed] @ col_q.T``."""
+    O, isz, dtype = geom.O, x.itemsize, x.dtype
+    K2 = geom.C * geom.kernel[1] * geom.kernel[2]
+    acc = np.zeros((geom.kernel[0] * O, K2), dtype=dtype)
+    scratch = _Scratch(dtype)  # the slabs' buffers, reused from slab to slab
+    for slab in _slabs(geom, isz, rows=True):
+        col, q0, P, ld = _column_buffer(geom, slab, dtype, planes=1, scratch=scratch)
+        q1 = _plane_range(geom, slab.d0, slab.d1)[1]
+        dys = _DyPlanes(dy, geom, slab, scratch)
+        for q in range(q0, q1):
+            z0, z1, r0 = _row_block(geom, q, slab.d0, slab.d1)
+            if z1 <= z0:
+                continue
+            dys.upto(z1)
+            _unfold_into(col, x, geom, slab, q, interleaved=True)
+            # Fortran: dW''[r0:]^T (K2 x rows) += col_q (K2 x P) @ dy[z0:z1]^T (P x rows)
             gemm_f(
-                dy.dtype, False, True, cols, K, O,
-                dys.ctypes.data + at * isz, width,
-                wa.ctypes.data + a * O * K * isz, K,
-                col.ctypes.data + start * isz, row,
+                dtype, True, False, K2, (z1 - z0) * O, P,
+                col.ctypes.data, ld,
+                dys.data.ctypes.data + (z0 - slab.d0) * O * P * isz, P,
+                acc.ctypes.data + r0 * K2 * isz, K2,
                 1.0,
             )  # fmt: skip
-        block = np.zeros((slab.nb, geom.C, *lengths), dtype=dy.dtype)
-        for r, view in enumerate(_phase_views(block, geom, Q)):
-            # One in-plane tap at a time: within a tap the windows never overlap.
-            for b in range(kh):
-                for e in range(kw):
-                    view[:, b, e] += colv[:, b, e, r, : view.shape[3]]
-        scatter_block_add(dx, block, slab.n0, slab.n1, starts)
-        del col, colv, block, dys
+    return acc
+
+
+def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    dy = np.ascontiguousarray(dy)
+    w = w.astype(dy.dtype, copy=False)
+    dx = np.zeros(geom.in_shape, dtype=dy.dtype)
+    # Tap columns even where the forward stacks tap rows: measured faster on the stems
+    # (i3d 57-60 vs 70-72 ms, R3D 66-70 vs 75-79), the only such layers that get here
+    # (a stride-1 dx with 16+ channels is a forward convolution).
+    _backward_input_tap_columns(dy, w, geom, dx)
     return dx
+
+
+def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx) -> None:
+    """Per output plane: ``window += W'.T @ dy_z`` (accumulated in plane order), then
+    the in-plane col2im of the slab's planes."""
+    O, isz, dtype = geom.O, dy.itemsize, dy.dtype
+    kd, kh, kw = geom.kernel
+    K2 = geom.C * kh * kw
+    wk = _plane_weights(w, geom)
+    for slab in _slabs(geom, isz, rows=False):
+        col, q0, P, ld = _column_buffer(geom, slab, dtype)
+        col[...] = 0
+        buf = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        for z in range(slab.d0, slab.d1):
+            runs = _runs(geom, z)
+            if not runs:
+                continue
+            g_ptr, ldg = _dy_plane(dy, slab, z, buf)
+            for a0, a1, q in runs:
+                # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
+                gemm_f(
+                    dtype, False, True, P, (a1 - a0) * K2, O,
+                    g_ptr, ldg,
+                    wk.ctypes.data + a0 * K2 * isz, kd * K2,
+                    col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
+                    1.0,
+                )  # fmt: skip
+        _fold(dx, col, geom, slab, q0, interleaved=False)
+        del col, buf

@@ -1,0 +1,178 @@
+"""First layers and stems: few input channels, large in-plane kernels, in-plane stride 2.
+
+These go through ``volconv.engine.hwunfold`` in both of its GEMM orders -- *tap rows*
+(the depth taps stacked into the GEMM's rows, for ``C*kh*kw >= TAP_ROWS_MIN_K``: the
+I3D / R3D stems) and *tap columns* (stacked into its reduction: C3D conv1a, U-Net's
+first layer) -- each with the numba unfolding and the numpy fallback. Every test checks
+which order it exercises, so a threshold change cannot silently turn it into a test of
+the other. Forward against the float64 oracle; both gradients through the adjoint
+identity ``<dy, conv(x, w)> = <dx, x> = <dw, w>`` plus float64 im2col.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import volconv
+from volconv import engine
+from volconv.engine import _numba_runtime, hwunfold, im2col
+from volconv.engine._args import conv_geometry
+from volconv.engine.reference import conv3d_reference
+
+# name: (x shape, O, kernel, stride, pads, dilation)
+STEMS = {
+    # I3D-style 7x7x7 stem, stride (1, 2, 2): tap rows (K2 = 3*49)
+    "i3d-like": ((2, 3, 9, 30, 28), 8, (7, 7, 7), (1, 2, 2), (3, 3, 3), (1, 1, 1)),
+    # R3D-18 stem 3x7x7, odd sizes (the last stride-2 column reads padding)
+    "r3d-like": ((3, 3, 6, 25, 23), 16, (3, 7, 7), (1, 2, 2), (1, 3, 3), (1, 1, 1)),
+    # asymmetric pads, depth padding deeper than the kernel: planes that read nothing
+    "pads-beyond-kernel": ((1, 3, 4, 19, 21), 5, (3, 7, 5), (1, 2, 2), ((4, 2), (3, 1), (0, 4)), 1),
+    # tap rows with an in-plane dilation and stride 3
+    "dilated-inplane": ((1, 2, 5, 26, 27), 6, (3, 5, 7), (1, 3, 2), (1, 2, 3), (1, 2, 1)),
+    # tap columns: C3D conv1a / U-Net enc1 style (3x3x3, stride 1, C = 3 / 1)
+    "c3d-like": ((2, 3, 6, 17, 18), 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    "unet-like": ((1, 1, 9, 12, 11), 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    # tap columns with depth stride and dilation (runs of one tap), in-plane stride 2
+    "depth-strided": ((2, 3, 11, 15, 16), 4, (3, 7, 7), (2, 2, 2), (2, 3, 3), (2, 1, 1)),
+}
+ROWS = {"i3d-like", "r3d-like", "pads-beyond-kernel", "dilated-inplane"}
+
+
+def _geometry(name):
+    x_shape, O, kernel, stride, pads, dilation = STEMS[name]
+    pads = tuple(p if isinstance(p, tuple) else (p, p) for p in pads)
+    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
+    return conv_geometry(x_shape, (1, O, x_shape[1], *kernel), stride, pads, dilation, 1)
+
+
+def _data(geom, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(geom.in_shape).astype(dtype)
+    w = rng.standard_normal(geom.w_shape).astype(dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    return x, w, dy
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def unfolding(request, monkeypatch):
+    """Run with the numba kernels and with the numpy fallback."""
+    if request.param == "numba":
+        if not _numba_runtime.numba_available():
+            pytest.skip("numba is not installed")
+    else:
+        monkeypatch.setattr(_numba_runtime, "_HAVE_NUMBA", False)
+    return request.param
+
+
+@pytest.mark.parametrize("cap", [64 << 20, 48 << 10], ids=["whole", "depth-slabs"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(STEMS))
+def test_stem_forward_and_gradients(name, dtype, cap, unfolding, workspace):
+    geom = _geometry(name)
+    assert hwunfold._tap_rows(geom) == (name in ROWS)
+    workspace(cap)
+    x, w, dy = _data(geom, dtype)
+    y = hwunfold.forward(x, w, geom)
+    ref = conv3d_reference(x.astype(np.float64), w.astype(np.float64), geom)
+    eps = float(np.finfo(dtype).eps)
+    scale = float(np.abs(conv3d_reference(np.abs(x), np.abs(w), geom)).max())
+    assert np.abs(y - ref).max() <= 4 * eps * np.sqrt(geom.reduction) * scale
+    dx = hwunfold.backward_input(dy, w, geom)
+    dw = hwunfold.backward_weight(x, dy, geom)
+    assert dx.shape == geom.in_shape and dw.shape == geom.w_shape
+    dx_ref = im2col.backward_input(dy.astype(np.float64), w.astype(np.float64), geom)
+    dw_ref = im2col.backward_weight(x.astype(np.float64), dy.astype(np.float64), geom)
+    tol = 64 * eps
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=tol * np.abs(dx_ref).max() * 8)
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=tol * np.abs(dw_ref).max() * 8)
+    inner = float((dy.astype(np.float64) * ref).sum())
+    assert abs(float((dx * x).sum(dtype=np.float64)) - inner) <= 1e-3 * abs(inner) + 1e-6
+    assert abs(float((dw * w).sum(dtype=np.float64)) - inner) <= 1e-3 * abs(inner) + 1e-6
+
+
+@pytest.mark.parametrize("name", ["i3d-like", "c3d-like"])
+def test_depth_slabs_give_the_same_forward(name, workspace):
+    """Slabs only regroup the GEMMs (BLAS may then round differently, not more)."""
+    geom = _geometry(name)
+    x, w, _ = _data(geom, np.float64)
+    full = hwunfold.forward(x, w, geom)
+    workspace(96 << 10)
+    assert len(list(hwunfold._slabs(geom, 8, hwunfold._tap_rows(geom)))) > geom.N
+    np.testing.assert_allclose(hwunfold.forward(x, w, geom), full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["i3d-like", "r3d-like", "c3d-like", "depth-strided"])
+def test_results_do_not_depend_on_numba_threads(name, monkeypatch):
+    """Kernel steps split planes into bands by thread count; no element's sum may move."""
+    if not _numba_runtime.numba_available():
+        pytest.skip("numba is not installed")
+    geom = _geometry(name)
+    x, w, dy = _data(geom, np.float32)
+    runs = []
+    for nw in (1, 2, 3):
+        monkeypatch.setattr(hwunfold, "_INTERLEAVED_THREADS", nw)
+        monkeypatch.setattr(hwunfold, "_threads", lambda interleaved, nw=nw: nw)
+        runs.append(
+            (
+                hwunfold.forward(x, w, geom),
+                hwunfold.backward_input(dy, w, geom),
+                hwunfold.backward_weight(x, dy, geom),
+            )
+        )
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["i3d-like", "r3d-like", "c3d-like", "unet-like"])
+def test_chooser_sends_stems_to_hwunfold(name):
+    geom = _geometry(name)
+    assert engine.choose(geom, np.dtype(np.float32)) == hwunfold.NAME
+
+
+def _scratch(fn, result_bytes):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    out = fn()
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    del out
+    return peak - result_bytes
+
+
+@pytest.mark.parametrize(
+    "name,cap",
+    # caps below one item's unfolding, above the smallest slab (kd planes of it)
+    [("i3d-like", 1 << 20), ("c3d-like", 160 << 10)],
+)
+def test_workspace_cap_holds(name, cap, workspace, unfolding):
+    geom = _geometry(name)
+    x, w, dy = _data(geom, np.float32)
+    workspace(cap)
+    hwunfold.forward(x, w, geom)  # warm-up: JIT compilation allocates too
+    limit = cap + (64 << 10)
+    assert _scratch(lambda: hwunfold.forward(x, w, geom), dy.nbytes) <= limit
+    assert _scratch(lambda: hwunfold.backward_input(dy, w, geom), x.nbytes) <= limit
+    assert _scratch(lambda: hwunfold.backward_weight(x, dy, geom), w.nbytes) <= limit
+
+
+def test_stem_through_the_public_api_matches_im2col():
+    """End to end (functional API, chooser) for a stem, forward and both gradients."""
+    geom = _geometry("r3d-like")
+    x, w, dy = _data(geom, np.float32, seed=3)
+    y = engine.conv3d_forward(x, w, geom)
+    saved = volconv.config.algorithm
+    try:
+        volconv.config.algorithm = im2col.NAME
+        y_ref = engine.conv3d_forward(x, w, geom)
+        dx_ref = engine.conv3d_backward_input(dy, w, geom)
+        dw_ref = engine.conv3d_backward_weight(x, dy, geom)
+    finally:
+        volconv.config.algorithm = saved
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(engine.conv3d_backward_input(dy, w, geom), dx_ref, atol=1e-3)
+    np.testing.assert_allclose(engine.conv3d_backward_weight(x, dy, geom), dw_ref, atol=1e-2)
