@@ -12,6 +12,8 @@ terms: a C-ordered ``(rows, cols)`` block with row stride ``ld`` is a Fortran
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.linalg.cython_blas as _cython_blas
@@ -182,3 +184,72 @@ def gemm_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -
     sa, sb, sc = a.strides[0], b.strides[0], c.strides[0]
     for i in range(B):
         fn(*head, pb + i * sb, r_ldb, pa + i * sa, r_lda, r_beta, pc + i * sc, r_ldc)
+
+
+# ------------------------------------------------------------ BLAS thread control
+#
+# OpenBLAS's worker threads spin for a while (~0.1 s) after every call before they
+# sleep. An algorithm that alternates GEMMs with its own multi-threaded numba stages
+# (Winograd: transform, GEMMs, transform, per block) therefore runs every transform with
+# one core taken by a spinning BLAS thread: measured 20% slower on C3D conv3a than with
+# single-threaded BLAS, GEMMs included. Such algorithms instead split their GEMM stacks
+# over the engine's own threads, each calling a single-threaded BLAS
+# (:func:`single_threaded_blas` around the whole call); every GEMM is then computed by
+# one thread, in a fixed order, whichever thread runs it.
+
+_THREAD_CONTROL: list | None = None
+
+
+def _openblas_controls() -> list:
+    """``(set, get)`` thread-count functions of numpy's and SciPy's OpenBLAS (the two
+    libraries the engine calls), or ``[]`` when either cannot be controlled (another
+    BLAS, an unknown symbol prefix): then nothing is split."""
+    global _THREAD_CONTROL
+    if _THREAD_CONTROL is not None:
+        return _THREAD_CONTROL
+    controls = []
+    try:
+        try:
+            import numpy._core._multiarray_umath as numpy_core
+        except ImportError:  # numpy < 2
+            import numpy.core._multiarray_umath as numpy_core  # type: ignore[no-redef]
+        libraries = (ctypes.CDLL(numpy_core.__file__), ctypes.CDLL(_cython_blas.__file__))
+        for lib in libraries:
+            pair = []
+            for verb in ("set", "get"):
+                names = [
+                    f"{prefix}openblas_{verb}_num_threads{suffix}"
+                    for prefix in ("scipy_", "")
+                    for suffix in ("64_", "")
+                ]
+                fn = next((getattr(lib, n) for n in names if hasattr(lib, n)), None)
+                if fn is None:
+                    raise OSError(f"no openblas_{verb}_num_threads")
+                fn.restype = None if verb == "set" else ctypes.c_int
+                if verb == "set":
+                    fn.argtypes = [ctypes.c_int]
+                pair.append(fn)
+            controls.append(tuple(pair))
+    except (OSError, AttributeError, ImportError):
+        controls = []
+    _THREAD_CONTROL = controls
+    return controls
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[bool]:
+    """Run the body with numpy's and SciPy's OpenBLAS at one thread each, restoring the
+    previous counts after; yields whether that was possible (callers split their GEMMs
+    over their own threads only then)."""
+    controls = _openblas_controls()
+    if not controls:
+        yield False
+        return
+    saved = [get() for _, get in controls]
+    for set_threads, _ in controls:
+        set_threads(1)
+    try:
+        yield True
+    finally:
+        for (set_threads, _), n in zip(controls, saved, strict=True):
+            set_threads(n)
