@@ -52,3 +52,17 @@ def test_bad_operands_raise():
         gemm_batch(np.ones((2, 6, 8))[:, ::2, ::2], np.ones((2, 4, 6)), np.ones((2, 3, 6)))
     with pytest.raises(ValueError, match="row-major"):
         gemm_batch(a, np.ones((2, 4, 6)), np.ones((2, 6, 3)).transpose(0, 2, 1))
+
+
+def test_single_threaded_blas_restores_thread_counts():
+    from volconv.engine import _blas
+
+    controls = _blas._openblas_controls()
+    before = [get() for _, get in controls]
+    with _blas.single_threaded_blas() as split:
+        assert split == bool(controls)
+        assert all(get() == 1 for _, get in controls)
+        with _blas.single_threaded_blas():  # nested (phases around Winograd) keeps 1
+            pass
+        assert all(get() == 1 for _, get in controls)
+    assert [get() for _, get in controls] == before
