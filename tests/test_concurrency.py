@@ -35,6 +35,7 @@ PROBLEMS = [
     ((2, 2, 7, 8, 9), (4, 2, 3, 3, 3), dict(stride=2)),  # im2col
     ((1, 34, 4, 5, 4), (2, 3, 17, 2, 2, 2), dict(groups=2)),  # grouped, too wide for direct
     ((2, 24, 5, 6, 7), (16, 24, 1, 1, 1), dict(stride=(1, 2, 1))),  # pointwise
+    ((1, 16, 8, 12, 12), (16, 16, 3, 3, 3), dict(padding=1)),  # winograd
 ]
 
 
