@@ -23,7 +23,8 @@ name            used for
                 weight gradient only where ``fft.prefer(kind="weight")``
 ``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
                 GEMM per kernel tap on a shifted window, no unfolding
-``pointwise``   1x1x1 kernels without padding: GEMMs straight on x and y
+``pointwise``   1x1x1 kernels without padding and depth-only (kd, 1, 1) kernels
+                without in-plane padding: GEMMs straight on x and y
 ``im2col``      everything else: unfolded slabs under the workspace cap, groups
                 as a batched-matmul axis; col2im for strided input gradients
 ==============  =================================================================
@@ -127,7 +128,7 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
 
 def _preferred_gemm(geom: ConvGeometry) -> str:
     """The GEMM-family pick (also for Winograd's non-finite weight gradients)."""
-    # 1x1x1 without padding: GEMMs on the arrays themselves, no block copies.
+    # 1x1x1 and (kd, 1, 1) kernels: GEMMs on the arrays themselves, no block copies.
     if pointwise.supports(geom):
         return pointwise.NAME
     kd, kh, kw = geom.kernel

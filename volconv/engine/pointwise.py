@@ -1,4 +1,4 @@
-"""1x1x1 convolutions as plain GEMMs on the arrays themselves.
+"""1x1x1 and depth-only (kd x 1 x 1) convolutions as plain GEMMs on the arrays themselves.
 
 A 1x1x1 kernel with no padding needs no unfolding and no padded block: with ``x[n]``
 seen as ``(G, Cg, P)`` (``P`` positions, a free reshape of C-ordered NCDHW),
@@ -11,6 +11,12 @@ seen as ``(G, Cg, P)`` (``P`` positions, a free reshape of C-ordered NCDHW),
 
 So stride 1 allocates nothing besides the result (per-tap GEMM copied the input into
 a channel-major block and the output back: two passes over memory for one GEMM).
+Depth-only kernels ``(kd, 1, 1)`` (R(2+1)D's temporal layers) without in-plane padding
+are ``kd`` such GEMMs per item, each on a column window of the flattened ``x[n]`` and
+``y[n]`` (tap ``a`` shifts the planes by ``a*dd - lo``; :func:`_depth_taps`), accumulated
+by BLAS into a zeroed ``y``. Measured on r2plus1d_temporal (144 -> 64, 4x16x56x56): dx
+62 vs 114 ms and dw 67 vs 103 for the in-plane unfolding, forward level (110 ms).
+
 A stride ``s`` reads every ``s``-th sample: the strided input (or the scattered input
 gradient) and the slab's result go through slabs of output planes under the workspace
 cap.
@@ -22,15 +28,38 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._blas import gemm_batch, gemm_nt_acc
+from ._blas import gemm_batch, gemm_f, gemm_nt_acc
 from ._slabs import Slab, plan_slabs
 
 NAME = "pointwise"
 
 
 def supports(geom: ConvGeometry) -> bool:
-    """1x1x1 kernels without padding (any stride, dilation, groups)."""
-    return geom.kernel == (1, 1, 1) and all(p == (0, 0) for p in geom.pads)
+    """1x1x1 kernels without padding (any stride, dilation, groups), and depth-only
+    kernels ``(kd, 1, 1)`` without in-plane padding (stride 1, one group, any depth
+    padding and dilation: see :func:`_depth_taps`)."""
+    kd, kh, kw = geom.kernel
+    if (kh, kw) != (1, 1) or geom.pads[1:] != ((0, 0), (0, 0)):
+        return False
+    if kd == 1:
+        return geom.pads[0] == (0, 0)
+    return geom.stride == (1, 1, 1) and geom.G == 1
+
+
+def _depth_taps(geom: ConvGeometry):
+    """``(tap, z0, z1, zi0)`` per depth tap of a stride-1 ``(kd, 1, 1)`` kernel: output
+    planes ``z0 <= z < z1`` read input plane ``z + zi0 - z0``. On items flattened to
+    ``(channels, planes*H*W)`` every tap is then one GEMM over a contiguous column
+    window of ``x`` and of ``y`` (R(2+1)D's temporal 3x1x1 layers: no copy at all)."""
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    lo, dd = geom.pads[0][0], geom.dilation[0]
+    taps = []
+    for a in range(geom.kernel[0]):
+        shift = a * dd - lo  # input plane = output plane + shift
+        z0, z1 = max(0, -shift), min(Do, D - shift)
+        if z1 > z0:
+            taps.append((a, z0, z1, z0 + shift))
+    return taps
 
 
 def _strided(geom: ConvGeometry) -> bool:
@@ -51,7 +80,73 @@ def _gather(x: np.ndarray, geom: ConvGeometry, slab: Slab) -> np.ndarray:
     return np.ascontiguousarray(part).reshape(slab.nb, geom.G, geom.Cg, -1)
 
 
+def _depth_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    O, C, isz = geom.O, geom.C, x.itemsize
+    HW = geom.spatial_in[1] * geom.spatial_in[2]
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
+    x = np.ascontiguousarray(x)
+    y = np.zeros(geom.out_shape, dtype=x.dtype)
+    for n in range(geom.N):
+        for a, z0, z1, zi0 in _depth_taps(geom):
+            # Fortran: y_n[:, z0:z1]^T (L x O) += x_n[:, zi0:]^T (L x C) @ W_a^T (C x O)
+            gemm_f(
+                x.dtype, False, False, (z1 - z0) * HW, O, C,
+                x[n].ctypes.data + zi0 * HW * isz, D * HW,
+                wt[a].ctypes.data, C,
+                y[n].ctypes.data + z0 * HW * isz, Do * HW,
+                1.0,
+            )  # fmt: skip
+    return y
+
+
+def _depth_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    O, C, isz = geom.O, geom.C, dy.itemsize
+    HW = geom.spatial_in[1] * geom.spatial_in[2]
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
+    dy = np.ascontiguousarray(dy)
+    dx = np.zeros(geom.in_shape, dtype=dy.dtype)
+    for n in range(geom.N):
+        for a, z0, z1, zi0 in _depth_taps(geom):
+            # Fortran: dx_n[:, zi0:]^T (L x C) += dy_n[:, z0:z1]^T (L x O) @ W_a (O x C)
+            gemm_f(
+                dy.dtype, False, True, (z1 - z0) * HW, C, O,
+                dy[n].ctypes.data + z0 * HW * isz, Do * HW,
+                wt[a].ctypes.data, C,
+                dx[n].ctypes.data + zi0 * HW * isz, D * HW,
+                1.0,
+            )  # fmt: skip
+    return dx
+
+
+def _depth_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    O, C, isz = geom.O, geom.C, x.itemsize
+    HW = geom.spatial_in[1] * geom.spatial_in[2]
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    o_rows = O <= C  # the operand with fewer rows goes second (see gemm_nt_acc)
+    kd = geom.kernel[0]
+    acc = np.zeros((kd, C, O) if o_rows else (kd, O, C), dtype=x.dtype)
+    for n in range(geom.N):
+        for a, z0, z1, zi0 in _depth_taps(geom):
+            xs = (x[n].ctypes.data + zi0 * HW * isz, D * HW)
+            ds = (dy[n].ctypes.data + z0 * HW * isz, Do * HW)
+            first, second = (xs, ds) if o_rows else (ds, xs)
+            rows = (C, O) if o_rows else (O, C)
+            # dW_a += dy_n[:, z0:z1] (O x L) @ x_n[:, zi0:].T (L x C), in either orientation
+            gemm_nt_acc(
+                x.dtype, first[0], first[1], second[0], second[1],
+                acc[a].ctypes.data, rows[0], rows[1], (z1 - z0) * HW,
+            )  # fmt: skip
+    dw = acc.transpose(2, 1, 0) if o_rows else acc.transpose(1, 2, 0)  # (O, C, kd)
+    return np.ascontiguousarray(dw).reshape(geom.w_shape)
+
+
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    if geom.kernel[0] > 1:
+        return _depth_forward(x, w, geom)
     G, Og, Cg = geom.G, geom.Og, geom.Cg
     wg = np.ascontiguousarray(w.reshape(G, Og, Cg))
     y = np.empty(geom.out_shape, dtype=x.dtype)
@@ -73,6 +168,8 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 
 def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    if geom.kernel[0] > 1:
+        return _depth_backward_input(dy, w, geom)
     G, Og, Cg = geom.G, geom.Og, geom.Cg
     wt = np.ascontiguousarray(w.reshape(G, Og, Cg).transpose(0, 2, 1))  # (G, Cg, Og)
     dy = np.ascontiguousarray(dy)
@@ -99,6 +196,8 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
 
 
 def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    if geom.kernel[0] > 1:
+        return _depth_backward_weight(x, dy, geom)
     G, Og, Cg = geom.G, geom.Og, geom.Cg
     isz = x.itemsize
     dy = np.ascontiguousarray(dy)
