@@ -66,3 +66,26 @@ def test_single_threaded_blas_restores_thread_counts():
             pass
         assert all(get() == 1 for _, get in controls)
     assert [get() for _, get in controls] == before
+
+
+@pytest.mark.parametrize("loader", ["_load_numpy", "_load_scipy"])
+def test_both_blas_libraries_compute_the_same_gemm(loader, monkeypatch):
+    """numpy's OpenBLAS is preferred, SciPy's is the fallback: both must give C = A @ B."""
+    import ctypes
+
+    from volconv.engine import _blas
+
+    for dtype, name, ctype in (
+        (np.float32, "sgemm", ctypes.c_float),
+        (np.float64, "dgemm", ctypes.c_double),
+    ):
+        loaded = getattr(_blas, loader)(name, ctype)
+        if loaded is None:
+            pytest.skip("numpy's BLAS symbol is not exported by this numpy build")
+        monkeypatch.setitem(_blas._GEMM, np.dtype(dtype), loaded)
+        rng = np.random.default_rng(3)
+        a = rng.standard_normal((2, 5, 7)).astype(dtype)
+        b = rng.standard_normal((2, 7, 3)).astype(dtype)
+        c = np.empty((2, 5, 3), dtype=dtype)
+        gemm_batch(a, b, c)
+        np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
