@@ -118,7 +118,12 @@ def _chosen(geom: Any) -> str | None:
     from volconv import engine
 
     choose = getattr(engine, "choose", None)
-    return choose(geom, np.dtype(np.float32)) if choose is not None else None
+    if choose is None:
+        return None
+    phase_plan = getattr(engine, "_phase_plan", None)
+    if phase_plan is not None and phase_plan(geom, np.dtype(np.float32)) is not None:
+        return "winograd-phases"  # dilated layers split into undilated Winograd phases
+    return choose(geom, np.dtype(np.float32))
 
 
 def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
