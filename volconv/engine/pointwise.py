@@ -62,6 +62,20 @@ def _depth_taps(geom: ConvGeometry):
     return taps
 
 
+def _ordered_taps(geom: ConvGeometry, planes: int, input_side: bool):
+    """``(taps, zero_first)``: the taps with one that covers all ``planes`` output (or,
+    for the input gradient, input) planes first, so that its GEMM can overwrite a fresh
+    ``np.empty`` result (``beta = 0``) instead of accumulating into a zeroed one (the
+    zeros would cost a pass, and first-touch page faults inside BLAS's threads); when no
+    tap covers them all the result must be zeroed first."""
+    taps = _depth_taps(geom)
+    for i, (_, z0, z1, zi0) in enumerate(taps):
+        lo, hi = (zi0, zi0 + z1 - z0) if input_side else (z0, z1)
+        if lo == 0 and hi == planes:
+            return [taps[i]] + taps[:i] + taps[i + 1 :], False
+    return taps, True
+
+
 def _strided(geom: ConvGeometry) -> bool:
     return geom.stride != (1, 1, 1)
 
@@ -86,16 +100,17 @@ def _depth_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     D, Do = geom.spatial_in[0], geom.spatial_out[0]
     wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
     x = np.ascontiguousarray(x)
-    y = np.zeros(geom.out_shape, dtype=x.dtype)
+    taps, zero_first = _ordered_taps(geom, Do, input_side=False)
+    y = (np.zeros if zero_first else np.empty)(geom.out_shape, dtype=x.dtype)
     for n in range(geom.N):
-        for a, z0, z1, zi0 in _depth_taps(geom):
+        for i, (a, z0, z1, zi0) in enumerate(taps):
             # Fortran: y_n[:, z0:z1]^T (L x O) += x_n[:, zi0:]^T (L x C) @ W_a^T (C x O)
             gemm_f(
                 x.dtype, False, False, (z1 - z0) * HW, O, C,
                 x[n].ctypes.data + zi0 * HW * isz, D * HW,
                 wt[a].ctypes.data, C,
                 y[n].ctypes.data + z0 * HW * isz, Do * HW,
-                1.0,
+                1.0 if i or zero_first else 0.0,
             )  # fmt: skip
     return y
 
@@ -106,16 +121,17 @@ def _depth_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     D, Do = geom.spatial_in[0], geom.spatial_out[0]
     wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
     dy = np.ascontiguousarray(dy)
-    dx = np.zeros(geom.in_shape, dtype=dy.dtype)
+    taps, zero_first = _ordered_taps(geom, D, input_side=True)
+    dx = (np.zeros if zero_first else np.empty)(geom.in_shape, dtype=dy.dtype)
     for n in range(geom.N):
-        for a, z0, z1, zi0 in _depth_taps(geom):
+        for i, (a, z0, z1, zi0) in enumerate(taps):
             # Fortran: dx_n[:, zi0:]^T (L x C) += dy_n[:, z0:z1]^T (L x O) @ W_a (O x C)
             gemm_f(
                 dy.dtype, False, True, (z1 - z0) * HW, C, O,
                 dy[n].ctypes.data + z0 * HW * isz, Do * HW,
                 wt[a].ctypes.data, C,
                 dx[n].ctypes.data + zi0 * HW * isz, D * HW,
-                1.0,
+                1.0 if i or zero_first else 0.0,
             )  # fmt: skip
     return dx
 
