@@ -4,10 +4,9 @@ numpy reports its allocations to ``tracemalloc``, so the traced peak during one 
 minus what the call must return (the output) is the scratch the algorithm used.
 """
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from tracing import scratch_bytes
 
 from volconv import engine
 from volconv.engine._args import conv_geometry
@@ -32,17 +31,6 @@ def _geometry(name):
     return conv_geometry(in_shape, w_shape, stride, ((pad, pad),) * 3, dilation, groups)
 
 
-def _scratch(fn, result_bytes):
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    out = fn()
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    del out
-    return peak - result_bytes
-
-
 PARAMS = [
     pytest.param(g, a, id=f"{g}-{a}")
     for g in GEOMETRIES
@@ -62,6 +50,6 @@ def test_scratch_memory_under_cap(name, alg, algorithm, workspace):
     workspace(CAP)
     engine.conv3d_forward(x, w, geom)  # warm-up: JIT compilation allocates too
     limit = CAP + SLACK
-    assert _scratch(lambda: engine.conv3d_forward(x, w, geom), dy.nbytes) <= limit
-    assert _scratch(lambda: engine.conv3d_backward_input(dy, w, geom), x.nbytes) <= limit
-    assert _scratch(lambda: engine.conv3d_backward_weight(x, dy, geom), w.nbytes) <= limit
+    assert scratch_bytes(lambda: engine.conv3d_forward(x, w, geom), dy.nbytes) <= limit
+    assert scratch_bytes(lambda: engine.conv3d_backward_input(dy, w, geom), x.nbytes) <= limit
+    assert scratch_bytes(lambda: engine.conv3d_backward_weight(x, dy, geom), w.nbytes) <= limit

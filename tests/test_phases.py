@@ -9,10 +9,9 @@ against finite differences in test_conv_backward.py).
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from tracing import scratch_bytes
 
 import volconv
 from volconv import engine
@@ -127,10 +126,4 @@ def test_split_scratch_under_cap(workspace):
         (lambda: engine.conv3d_forward(x, w, geom), dy.nbytes),
         (lambda: engine.conv3d_backward_weight(x, dy, geom), w.nbytes),
     ):
-        tracemalloc.start()
-        base = tracemalloc.get_traced_memory()[0]
-        out = run()
-        peak = tracemalloc.get_traced_memory()[1] - base
-        tracemalloc.stop()
-        del out
-        assert peak - result_bytes <= cap + (256 << 10)
+        assert scratch_bytes(run, result_bytes) <= cap + (256 << 10)

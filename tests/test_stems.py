@@ -11,10 +11,9 @@ identity ``<dy, conv(x, w)> = <dx, x> = <dw, w>`` plus float64 im2col.
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from tracing import scratch_bytes
 
 import volconv
 from volconv import engine
@@ -133,17 +132,6 @@ def test_chooser_sends_stems_to_hwunfold(name):
     assert engine.choose(geom, np.dtype(np.float32)) == hwunfold.NAME
 
 
-def _scratch(fn, result_bytes):
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    out = fn()
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    del out
-    return peak - result_bytes
-
-
 @pytest.mark.parametrize(
     "name,cap",
     # caps below one item's unfolding, above the smallest slab (kd planes of it)
@@ -155,9 +143,9 @@ def test_workspace_cap_holds(name, cap, workspace, unfolding):
     workspace(cap)
     hwunfold.forward(x, w, geom)  # warm-up: JIT compilation allocates too
     limit = cap + (64 << 10)
-    assert _scratch(lambda: hwunfold.forward(x, w, geom), dy.nbytes) <= limit
-    assert _scratch(lambda: hwunfold.backward_input(dy, w, geom), x.nbytes) <= limit
-    assert _scratch(lambda: hwunfold.backward_weight(x, dy, geom), w.nbytes) <= limit
+    assert scratch_bytes(lambda: hwunfold.forward(x, w, geom), dy.nbytes) <= limit
+    assert scratch_bytes(lambda: hwunfold.backward_input(dy, w, geom), x.nbytes) <= limit
+    assert scratch_bytes(lambda: hwunfold.backward_weight(x, dy, geom), w.nbytes) <= limit
 
 
 def test_stem_through_the_public_api_matches_im2col():

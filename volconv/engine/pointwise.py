@@ -94,46 +94,33 @@ def _gather(x: np.ndarray, geom: ConvGeometry, slab: Slab) -> np.ndarray:
     return np.ascontiguousarray(part).reshape(slab.nb, geom.G, geom.Cg, -1)
 
 
-def _depth_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    O, C, isz = geom.O, geom.C, x.itemsize
+def _depth_gemms(src: np.ndarray, w: np.ndarray, geom: ConvGeometry, adjoint: bool):
+    """The forward (``adjoint=False``: ``src = x``, result ``y``) or the input gradient
+    (``adjoint=True``: ``src = dy``, result ``dx``) of a depth-only kernel: per item and
+    tap ``a`` one GEMM between column windows of the flattened ``src[n]`` and result,
+    ``res[:, planes] (+)= W_a @ src[:, planes + shift]`` or ``W_a.T @ ...``."""
+    O, C, isz = geom.O, geom.C, src.itemsize
     HW = geom.spatial_in[1] * geom.spatial_in[2]
     D, Do = geom.spatial_in[0], geom.spatial_out[0]
     wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
-    x = np.ascontiguousarray(x)
-    taps, zero_first = _ordered_taps(geom, Do, input_side=False)
-    y = (np.zeros if zero_first else np.empty)(geom.out_shape, dtype=x.dtype)
+    src = np.ascontiguousarray(src)
+    planes, shape, width = (D, geom.in_shape, C) if adjoint else (Do, geom.out_shape, O)
+    src_planes, k = (Do, O) if adjoint else (D, C)
+    taps, zero_first = _ordered_taps(geom, planes, input_side=adjoint)
+    res = (np.zeros if zero_first else np.empty)(shape, dtype=src.dtype)
     for n in range(geom.N):
         for i, (a, z0, z1, zi0) in enumerate(taps):
-            # Fortran: y_n[:, z0:z1]^T (L x O) += x_n[:, zi0:]^T (L x C) @ W_a^T (C x O)
+            s0, r0 = (z0, zi0) if adjoint else (zi0, z0)  # first src / result plane
+            # Fortran: res_n[:, r0:]^T (L x width) (+)= src_n[:, s0:]^T (L x k) @ op(W_a)
+            # with op(W_a) = W_a^T (C x O) forward, W_a (O x C) for the gradient.
             gemm_f(
-                x.dtype, False, False, (z1 - z0) * HW, O, C,
-                x[n].ctypes.data + zi0 * HW * isz, D * HW,
+                src.dtype, False, adjoint, (z1 - z0) * HW, width, k,
+                src[n].ctypes.data + s0 * HW * isz, src_planes * HW,
                 wt[a].ctypes.data, C,
-                y[n].ctypes.data + z0 * HW * isz, Do * HW,
+                res[n].ctypes.data + r0 * HW * isz, planes * HW,
                 1.0 if i or zero_first else 0.0,
             )  # fmt: skip
-    return y
-
-
-def _depth_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    O, C, isz = geom.O, geom.C, dy.itemsize
-    HW = geom.spatial_in[1] * geom.spatial_in[2]
-    D, Do = geom.spatial_in[0], geom.spatial_out[0]
-    wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1))  # (kd, O, C)
-    dy = np.ascontiguousarray(dy)
-    taps, zero_first = _ordered_taps(geom, D, input_side=True)
-    dx = (np.zeros if zero_first else np.empty)(geom.in_shape, dtype=dy.dtype)
-    for n in range(geom.N):
-        for i, (a, z0, z1, zi0) in enumerate(taps):
-            # Fortran: dx_n[:, zi0:]^T (L x C) += dy_n[:, z0:z1]^T (L x O) @ W_a (O x C)
-            gemm_f(
-                dy.dtype, False, True, (z1 - z0) * HW, C, O,
-                dy[n].ctypes.data + z0 * HW * isz, Do * HW,
-                wt[a].ctypes.data, C,
-                dx[n].ctypes.data + zi0 * HW * isz, D * HW,
-                1.0 if i or zero_first else 0.0,
-            )  # fmt: skip
-    return dx
+    return res
 
 
 def _depth_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -162,7 +149,7 @@ def _depth_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
 
 def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     if geom.kernel[0] > 1:
-        return _depth_forward(x, w, geom)
+        return _depth_gemms(x, w, geom, adjoint=False)
     G, Og, Cg = geom.G, geom.Og, geom.Cg
     wg = np.ascontiguousarray(w.reshape(G, Og, Cg))
     y = np.empty(geom.out_shape, dtype=x.dtype)
@@ -185,7 +172,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     if geom.kernel[0] > 1:
-        return _depth_backward_input(dy, w, geom)
+        return _depth_gemms(dy, w, geom, adjoint=True)
     G, Og, Cg = geom.G, geom.Og, geom.Cg
     wt = np.ascontiguousarray(w.reshape(G, Og, Cg).transpose(0, 2, 1))  # (G, Cg, Og)
     dy = np.ascontiguousarray(dy)
