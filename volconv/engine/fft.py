@@ -49,8 +49,8 @@ Implementation
   one real GEMM per part with the ``(kh*kw) x (nh*(nw/2+1))`` twiddle product (float64),
   D as one real GEMM ``(2nd x 2kd) @ (2kd x rows)`` that writes the planes directly.
   The weight gradient's pruned inverse is the mirror image (float64 throughout). All
-  through SciPy's BLAS (``_blas.gemm_f``): alternating numpy's own OpenBLAS with it made
-  these GEMMs 10-30x slower on a busy 2-core machine (two thread pools spinning).
+  through the engine's one BLAS (``_blas.gemm_f``): alternating two OpenBLAS libraries
+  made these GEMMs 10-30x slower on a busy 2-core machine (two thread pools spinning).
 - The channel products ``Y[o, f] = sum_c W[o, c, f] X[c, f]`` and ``DW[o, c, f] +=
   sum_b conj(DY[b, o, f]) X[b, c, f]`` have frequency as the long axis: numba kernels
   (``nogil``, on ``run_tasks`` threads) take ``FREQ_CHUNK`` frequencies of one ``fd``
@@ -726,9 +726,9 @@ def _plane_twiddles(geom: ConvGeometry, plan: _Plan, inverse: bool) -> np.ndarra
 
 def _gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """``out = a @ b`` for row-major 2-D operands of one dtype (rows may be strided)
-    through ``_blas.gemm_f``: SciPy's BLAS, as for the GEMM algorithms. Mixing in numpy's
-    own BLAS (a second OpenBLAS with its own spinning threads) between these calls made
-    them 10-30x slower on a busy 2-core machine."""
+    through ``_blas.gemm_f``, the engine's one BLAS. Mixing in a second OpenBLAS (with its
+    own spinning threads) between these calls made them 10-30x slower on a busy 2-core
+    machine."""
     isz = out.itemsize
 
     def ld(m: np.ndarray) -> int:  # row stride in items (any valid value for one row)

@@ -10,10 +10,10 @@ The two gradients reuse the same unfolding:
 - input (col2im): ``cols = W.T @ dy_slab``, then each tap's rows are added back
   into the padded block through the same strided view, and the block into dx.
 
-Every GEMM goes through SciPy's BLAS (``_blas.gemm_batch``), like the other algorithms':
-numpy's bundled OpenBLAS is a second thread pool, and alternating the two in a training
-step (this weight gradient after the in-plane unfolding's input gradient) left one
-pool's threads spinning against the other's work: r2plus1d_spatial dx + dw measured
+Every GEMM goes through the engine's one BLAS (``_blas.gemm_batch``, see ``_blas.py``):
+with two OpenBLAS libraries in play (numpy's and SciPy's), alternating them in a
+training step (this weight gradient after the in-plane unfolding's input gradient) left
+one pool's threads spinning against the other's work: r2plus1d_spatial dx + dw measured
 216-249 ms in a row against 125-140 ms for the two apart.
 """
 

@@ -4,7 +4,7 @@ A 1x1x1 kernel with no padding needs no unfolding and no padded block: with ``x[
 seen as ``(G, Cg, P)`` (``P`` positions, a free reshape of C-ordered NCDHW),
 
 - forward: ``y[n] (G, Og, P) = W (G, Og, Cg) @ x[n]``, written straight into ``y``
-  (SciPy's BLAS through ``_blas.gemm_batch``, like the rest of the engine);
+  (through ``_blas.gemm_batch``, the engine's one BLAS);
 - input gradient: ``dx[n] = W^T @ dy[n]``;
 - weight gradient: ``dW_g += dy[n, g] (Og, P) @ x[n, g]^T (P, Cg)``, accumulated by
   BLAS (``gemm_nt_acc``: the long position axis is the reduction).
