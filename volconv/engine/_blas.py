@@ -171,10 +171,10 @@ def gemm_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -
 
     ``a (B, m, k)``, ``b (B, k, n)``, ``c (B, m, n)`` of one float dtype; each matrix needs
     one unit-stride axis (so transposed views work), ``c`` row-major; a batch stride of 0
-    broadcasts. Unlike ``np.matmul`` this goes through SciPy's BLAS like every other GEMM
-    of the engine: numpy bundles a second OpenBLAS whose idle threads spin against this
-    one's when the two alternate (measured 10-30x slower small GEMMs on 2 busy cores).
-    The ctypes arguments are built once per call, not per matrix.
+    broadcasts. Unlike ``np.matmul`` it accumulates (``beta``) and takes any leading
+    dimension; it calls the same ``?gemm`` as every other GEMM of the engine (one BLAS
+    library: two OpenBLAS thread pools alternating measured 10-30x slower small GEMMs on
+    2 busy cores). The ctypes arguments are built once per call, not per matrix.
     """
     B, m, k = a.shape
     n = b.shape[2]
