@@ -293,26 +293,38 @@ def _scratch_elems(ms, Cp: int, ob: int, tiles_in: int, tiles_out: int) -> tuple
     return wgt, inp, out
 
 
+def _tiling(geom: ConvGeometry, itemsize: int):
+    """What the forward and weight-gradient plans share: tile sizes, the number ``P`` of
+    transformed positions, the tile grid, tile rows, lane-padded channels ``Cp``/``Op``
+    and the output-channel chunk ``Ob`` -- all of O when the transformed weight (``U``,
+    or ``Mw`` for the weight gradient) takes at most half the cap, else the largest
+    CB-multiple that does. None when the problem is empty (the engine answers without
+    an algorithm) or not even CB output channels fit."""
+    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
+        return None
+    ms = tile_sizes(geom)
+    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
+    Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
+    half = config.workspace_bytes // 2
+    ob = Op
+    if P * Cp * Op * itemsize > half:
+        ob = half // (P * Cp * itemsize) // CB * CB
+        if ob < CB:
+            return None
+    return ms, P, (TD, TH, TW), geom.N * TD * TH, Cp, Op, ob
+
+
 def _plan(geom: ConvGeometry, itemsize: int, threads: int):
     """Blocking such that everything this algorithm allocates fits ``workspace_bytes``:
     ``U (P, Cp, Ob)``, ``V (P, T, Cp)``, ``M (P, T, Ob)`` and the threads' scratch.
     Returns ``(tile sizes, tile grid, W tiles per input / output item, tile rows, Cp,
     Op, O chunk Ob, tile rows per block)``, or None when not even one tile row fits."""
-    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
-        return None  # empty: the engine answers without an algorithm
-    ms = tile_sizes(geom)
-    ad, ah, aw = (m + 2 for m in ms)
-    P = ad * ah * aw
-    TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
-    rows = geom.N * TD * TH
-    Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
+    common = _tiling(geom, itemsize)
+    if common is None:
+        return None
+    ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
     cap = config.workspace_bytes
-    # All of O when U takes at most half the cap, else the largest CB-multiple that does.
-    ob = Op
-    if P * Cp * Op * itemsize > cap // 2:
-        ob = (cap // 2) // (P * Cp * itemsize) // CB * CB
-        if ob < CB:
-            return None
     wgt, inp, out = _scratch_elems(ms, Cp, ob, 1, 1)
     tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp // 2) - 1))
     tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * out)))
@@ -351,20 +363,12 @@ def _plan_weight(geom: ConvGeometry, itemsize: int, threads: int):
     runs after V and DY are freed, within what Mw leaves). Returns ``(tile sizes, tile
     grid, W tiles per input / gradient item, tile rows, Cp, Op, O chunk Ob, tile rows per
     block)``, or None when not even one tile row fits."""
-    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
+    common = _tiling(geom, itemsize)
+    if common is None:
         return None
-    ms = tile_sizes(geom)
-    ad, ah, aw = (m + 2 for m in ms)
-    P = ad * ah * aw
-    TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
-    rows = geom.N * TD * TH
-    Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
+    ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
+    ad, ah = ms[0] + 2, ms[1] + 2
     cap = config.workspace_bytes
-    ob = Op
-    if P * Cp * Op * itemsize > cap // 2:
-        ob = (cap // 2) // (P * Cp * itemsize) // CB * CB
-        if ob < CB:
-            return None
     inp = 2 * ad * ah * ms[2] * Cp  # per input tile (+1), as in _scratch_elems
     tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp) - 1))
     tgr = max(1, min(TW, SCRATCH_TARGET // (itemsize * _grad_scratch_elems(ms, ob, 1))))
