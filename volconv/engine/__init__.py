@@ -181,11 +181,11 @@ def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
         return _autotune.run(
             "forward", geom, x.dtype, names, lambda n: ALGORITHMS[n].forward(x, w, geom)
         )
-    phases = _phase_plan(geom, x.dtype)
-    if phases is not None:
+    split = _phase_plan(geom, x.dtype)
+    if split is not None:
         y = np.empty(geom.out_shape, dtype=x.dtype)
-        with _phases.reduced_cap(_phases.copies_bytes(geom, x.dtype.itemsize)):
-            for phase in phases:
+        with split.reduced_cap():
+            for phase in split.phases:
                 if phase.geom is None:
                     y[phase.y_index] = 0
                 else:
@@ -198,7 +198,7 @@ def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
     return ALGORITHMS[name].forward(x, w, geom)
 
 
-def _phase_plan(geom: ConvGeometry, dtype: np.dtype) -> list[_phases.Phase] | None:
+def _phase_plan(geom: ConvGeometry, dtype: np.dtype) -> _phases.Split | None:
     """The polyphase split of a dilated stride-1 layer when Winograd takes every phase
     (``_phases.py``); None otherwise. Measured on dilated_d2 (32 channels, 64^3,
     dilation 2): 8 Winograd phases of 32^3 against per-tap GEMM on the dilated kernel,
@@ -208,10 +208,10 @@ def _phase_plan(geom: ConvGeometry, dtype: np.dtype) -> list[_phases.Phase] | No
     copies = _phases.copies_bytes(geom, np.dtype(dtype).itemsize)
     if 2 * copies > config.workspace_bytes:  # the phases keep at least half of the cap
         return None
-    phases = _phases.split(geom)
-    with _phases.reduced_cap(copies):
-        if all(p.geom is None or winograd.prefer(p.geom, dtype) for p in phases):
-            return phases
+    plan = _phases.Split(_phases.split(geom), copies)
+    with plan.reduced_cap():
+        if all(p.geom is None or winograd.prefer(p.geom, dtype) for p in plan.phases):
+            return plan
     return None
 
 
@@ -283,11 +283,11 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
         return _autotune.run(
             "weight", geom, x.dtype, names, lambda n: ALGORITHMS[n].backward_weight(x, dy, geom)
         )
-    phases = _phase_plan(geom, x.dtype)
-    if phases is not None:
+    split = _phase_plan(geom, x.dtype)
+    if split is not None:
         dw = np.zeros(geom.w_shape, dtype=x.dtype)
-        with _phases.reduced_cap(_phases.copies_bytes(geom, x.dtype.itemsize)):
-            for phase in phases:
+        with split.reduced_cap():
+            for phase in split.phases:
                 if phase.geom is not None:
                     xs = np.ascontiguousarray(x[phase.x_index])
                     dys = np.ascontiguousarray(dy[phase.y_index])

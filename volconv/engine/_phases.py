@@ -103,3 +103,16 @@ def reduced_cap(nbytes: int) -> Iterator[None]:
             yield
         finally:
             config.workspace_bytes = saved
+
+
+@dataclass(frozen=True)
+class Split:
+    """A planned split: its phases, and the bytes of the largest phase's copies that the
+    phase convolutions' cap is lowered by (:func:`reduced_cap`)."""
+
+    phases: list[Phase]
+    copies: int
+
+    def reduced_cap(self):
+        """The workspace cap the phase convolutions run under."""
+        return reduced_cap(self.copies)
