@@ -40,10 +40,10 @@ C_DW_F4 = 8.0
 C_DW_F2 = 2.0
 
 
-def _geometry(x_shape, out_channels, pads):
+def _geometry(x_shape, out_channels, pads, kernel=(3, 3, 3)):
     C = x_shape[1]
     pads = tuple((p, p) if isinstance(p, int) else p for p in pads)
-    return conv_geometry(x_shape, (1, out_channels, C, 3, 3, 3), (1, 1, 1), pads, (1, 1, 1), 1)
+    return conv_geometry(x_shape, (1, out_channels, C, *kernel), (1, 1, 1), pads, (1, 1, 1), 1)
 
 
 def _data(rng, geom, dtype):
@@ -146,11 +146,12 @@ def _reference_dw(x, dy, geom):
     xp = xp[(slice(None), slice(None), *crop)]
     Do, Ho, Wo = geom.spatial_out
     dyf = dy.transpose(1, 0, 2, 3, 4).reshape(geom.O, -1)
-    dw = np.zeros((geom.O, geom.C, 3, 3, 3))
+    dw = np.zeros((geom.O, geom.C, *geom.kernel))
     scale = 0.0
-    for a in range(3):
-        for b in range(3):
-            for e in range(3):
+    kd, kh, kw = geom.kernel
+    for a in range(kd):
+        for b in range(kh):
+            for e in range(kw):
                 patch = xp[:, :, a : a + Do, b : b + Ho, e : e + Wo].transpose(1, 0, 2, 3, 4)
                 patch = patch.reshape(geom.C, -1)
                 dw[:, :, a, b, e] = dyf @ patch.T
@@ -180,6 +181,65 @@ def test_weight_gradient_matches_reference(algorithm, tile, rng, name, x_shape, 
     assert dw.dtype == dtype and dw.shape == geom.w_shape
     c = _dw_error(dw, x, dy, geom, dtype)
     assert c <= (C_DW_F2 if m == 2 else C_DW_F4), f"error constant {c:.3f}"
+
+
+ONE_TAP_KERNELS = [(1, 3, 3), (3, 1, 3), (3, 3, 1), (3, 1, 1), (1, 1, 3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [None, 2], ids=["auto", "F2"])
+@pytest.mark.parametrize("kernel", ONE_TAP_KERNELS, ids=lambda k: "x".join(map(str, k)))
+def test_one_tap_axes(algorithm, tile, rng, kernel, m, dtype):
+    """Kernels with 1-tap axes (R(2+1)D's in-plane 1x3x3 first of all): no transform on
+    those axes (one transformed point per output), F(m, 3) on the others. Forward, the
+    input gradient (forward on the transposed geometry) and the weight gradient against
+    float64 references, with mixed and negative pads on the 3-tap axes."""
+    pads = tuple(p if k == 3 else 0 for p, k in zip(((1, 1), (0, 2), (2, -1)), kernel, strict=True))
+    geom = _geometry((2, 6, 5, 7, 9), 5, pads, kernel)
+    algorithm("winograd")
+    tile(m)
+    assert engine.choose(geom, np.dtype(dtype)) == "winograd"
+    assert all((t == 1) == (k == 1) for t, k in zip(winograd.tile_sizes(geom), kernel, strict=True))
+    x, w = _data(rng, geom, dtype)
+    y = engine.conv3d_forward(x, w, geom)
+    c = _rel_error(y, conv3d_reference(x, w, geom), geom, dtype)
+    assert c <= (C_F2 if m == 2 else C_F4), f"forward error constant {c:.3f}"
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    c = _dw_error(engine.conv3d_backward_weight(x, dy, geom), x, dy, geom, dtype)
+    assert c <= (C_DW_F2 if m == 2 else C_DW_F4), f"weight-gradient error constant {c:.3f}"
+    adjoint = engine.transposed_geometry(geom)
+    dx = winograd.forward(dy, engine.flip_weight(w), adjoint)
+    algorithm("im2col")
+    expected = engine.conv3d_backward_input(dy.astype(np.float64), w.astype(np.float64), geom)
+    c = _rel_error(dx, expected, adjoint, dtype)
+    assert c <= (C_F2 if m == 2 else C_F4), f"input-gradient error constant {c:.3f}"
+
+
+def test_in_plane_kernels_take_winograd_in_all_three_passes(algorithm, monkeypatch, rng):
+    """A 1x3x3 layer with enough channels (R(2+1)D's spatial conv, scaled down): the
+    chooser gives Winograd the forward, dx (forward on the transposed geometry) and dw;
+    depth-only 3x1x1 kernels stay with the pointwise GEMMs."""
+    algorithm(None)
+    f32 = np.dtype(np.float32)
+    geom = _geometry((1, 16, 4, 20, 20), 24, (0, 1, 1), (1, 3, 3))
+    assert engine.choose(geom, f32) == "winograd"
+    assert winograd.prefer(engine.transposed_geometry(geom), f32)
+    assert winograd.prefer_weight(geom, f32)
+    assert engine.choose(_geometry((1, 16, 4, 20, 20), 24, (1, 0, 0), (3, 1, 1)), f32) != "winograd"
+    calls = []
+    forward, weight = winograd.forward, winograd.backward_weight
+    monkeypatch.setattr(winograd, "forward", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(winograd, "backward_weight", lambda *a: calls.append("w") or weight(*a))
+    x, w = _data(rng, geom, np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    engine.conv3d_forward(x, w, geom)
+    dx = engine.conv3d_backward_input(dy, w, geom)
+    dw = engine.conv3d_backward_weight(x, dy, geom)
+    assert calls == ["f", "f", "w"]
+    assert _dw_error(dw, x, dy, geom, np.float32) <= C_DW_F4
+    algorithm("im2col")
+    expected = engine.conv3d_backward_input(dy.astype(np.float64), w.astype(np.float64), geom)
+    assert _rel_error(dx, expected, engine.transposed_geometry(geom), np.float32) <= C_F4
 
 
 def test_weight_gradient_error_at_realistic_width(rng):

@@ -15,9 +15,10 @@ name            used for
 ==============  =================================================================
 ``depthwise``   grouped layers with <= 16 channels per group (depthwise first of
                 all), with numba: direct loops, both gradients too
-``winograd``    dense 3x3x3 stride-1 layers with enough channels, with numba:
-                F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2); the weight
-                gradient too where ``winograd.prefer_weight`` (else the GEMM family)
+``winograd``    dense 3x3x3 and in-plane 1x3x3 stride-1 layers with enough channels,
+                with numba: F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2, no
+                transform on a 1-tap axis); the weight gradient too where
+                ``winograd.prefer_weight`` (else the GEMM family)
 ``fft``         dense stride-1 layers with large kernels (5^3, 7^3) on volumes
                 several times their extent, with numba: overlap-save blocks; the
                 weight gradient only where ``fft.prefer(kind="weight")``
@@ -117,7 +118,8 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
     # Depthwise / few channels per group: too little work per output for a GEMM.
     if depthwise.supports(geom) and geom.G > 1:
         return depthwise.NAME
-    # Dense 3x3x3 stride-1 layers with enough channels: 3.4-8x fewer multiplications.
+    # Dense 3x3x3 / 1x3x3 stride-1 layers with enough channels: 3.4-8x (1x3x3: 4x) fewer
+    # multiplications.
     if winograd.prefer(geom, dtype):
         return winograd.NAME
     # Large kernels (5x5x5, 7x7x7) on volumes several times their extent.
@@ -252,12 +254,14 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     # Stride 1: dx is a forward convolution (and gets Winograd, depthwise, ...), except
     # when dx has few channels (first layers): that forward would be a GEMM with 1-15
     # outputs per position, while GEMM + col2im keeps the long side in BLAS; and except
-    # in-plane (1, k, k) kernels, whose col2im measured faster than im2col on the
-    # transposed geometry (r2plus1d_spatial 77 vs 115 ms).
+    # in-plane (1, k, k) kernels that Winograd does not take, whose col2im measured
+    # faster than im2col on the transposed geometry (r2plus1d_spatial 77 vs 115 ms;
+    # with Winograd 26 ms).
     kd, kh, kw = geom.kernel
-    as_forward = geom.C >= 16 and not (kd == 1 and kh * kw > 1)
-    if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME and as_forward:
-        return conv3d_forward(dy, flip_weight(w), transposed_geometry(geom))
+    if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME and geom.C >= 16:
+        adjoint = transposed_geometry(geom)
+        if not (kd == 1 and kh * kw > 1) or winograd.prefer(adjoint, dy.dtype):
+            return conv3d_forward(dy, flip_weight(w), adjoint)
     if _autotune.active():
         names = [n for n in _with("backward_input") if _supports(n, geom)]
         return _autotune.run(
@@ -301,10 +305,13 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     kd, kh, kw = geom.kernel
     factorised = kd == 1 or kh * kw == 1
     # Winograd keeps its own F(4, 3) weight gradient where that measured faster
-    # (winograd.prefer_weight: c3d_conv3a 61 vs 105 ms, unet3d_enc2 161 vs 263).
-    if config.algorithm is None and name != depthwise.NAME and not factorised:
+    # (winograd.prefer_weight: c3d_conv3a 61 vs 105 ms, unet3d_enc2 161 vs 263,
+    # r2plus1d_spatial 28 vs 50 for im2col).
+    if config.algorithm is None and name != depthwise.NAME:
         if name == winograd.NAME and winograd.prefer_weight(geom, x.dtype):
             pass
+        elif factorised:
+            name = _preferred_gemm(geom) if name == winograd.NAME else name
         elif fft.prefer(geom, x.dtype, kind="weight"):
             name = fft.NAME
         elif _hwunfold_fits(geom):

@@ -1,4 +1,5 @@
-"""Winograd convolution for dense 3x3x3, stride-1, dilation-1 layers.
+"""Winograd convolution for dense stride-1, dilation-1 layers with 3x3x3 kernels, or with
+3 taps on some axes and 1 on the others (in-plane 1x3x3 first of all).
 
 The maths
 ---------
@@ -52,7 +53,12 @@ per output cost more than the GEMMs save (measured 1.35-2.1x slower than F(4) on
 suite's 3x3x3 layers), although it is as accurate as direct GEMM: max error ~5e-7
 against ~1e-5 relative to max|y| for F(4) at C = 128 (both bounded in
 ``tests/test_winograd.py``). Per axis ``m = 4``, except ``m = 2`` where the output
-extent is <= 2 (4 transformed points instead of 6, e.g. C3D conv5a's depth 2).
+extent is <= 2 (4 transformed points instead of 6, e.g. C3D conv5a's depth 2), and
+``m = 1`` on an axis where the kernel has one tap: ``alpha = 1`` and B^T, G, A^T are all
+the identity there, so a 1x3x3 kernel is F(4x4, 3x3) on every plane (36 transformed
+points per 16 outputs: 2.25 multiplications per output instead of 9). Measured on
+R(2+1)D's spatial layer (64 -> 144 channels, 16x56x56, 2 threads): forward 25 ms, dx 26
+(the forward on the transposed geometry), dw 28, against im2col's 49, 59 and 48.
 
 Implementation
 --------------
@@ -210,11 +216,13 @@ def matrices(m: int, dtype=np.float64) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def supports(geom: ConvGeometry) -> bool:
-    """Dense 3x3x3, stride 1, dilation 1, numba, and a workspace cap that holds one tile
-    row (planned for float64)."""
+    """Dense kernels of 3 or 1 taps per axis (3x3x3, in-plane 1x3x3, ...) with some 3,
+    stride 1, dilation 1, numba, and a workspace cap that holds one tile row (planned
+    for float64)."""
     return (
         geom.G == 1
-        and geom.kernel == (3, 3, 3)
+        and all(k in (1, 3) for k in geom.kernel)
+        and 3 in geom.kernel
         and geom.stride == (1, 1, 1)
         and geom.dilation == (1, 1, 1)
         and numba_available()
@@ -233,9 +241,17 @@ MIN_CHANNELS = 8
 MIN_TILES = 32
 
 
+#: Kernels the chooser gives Winograd: 3x3x3, and in-plane 1x3x3 (F(4x4, 3x3) per plane;
+#: R(2+1)D's spatial layer: forward/dx/dw 27/30/33 ms against im2col's 51/56/51). Depth-only
+#: (3, 1, 1) kernels are GEMMs on the arrays themselves (``pointwise``), with no transforms.
+PREFERRED_KERNELS = ((3, 3, 3), (1, 3, 3))
+
+
 def prefer(geom: ConvGeometry, dtype) -> bool:
     """Whether the chooser should take Winograd for this geometry (see MIN_CHANNELS)."""
-    if min(geom.C, geom.O) < MIN_CHANNELS or not supports(geom):
+    if geom.kernel not in PREFERRED_KERNELS or min(geom.C, geom.O) < MIN_CHANNELS:
+        return False
+    if not supports(geom):
         return False
     plan = _plan(geom, np.dtype(dtype).itemsize, _threads())
     if plan is None:
@@ -265,10 +281,17 @@ def prefer_weight(geom: ConvGeometry, dtype) -> bool:
 
 def tile_sizes(geom: ConvGeometry) -> tuple[int, int, int]:
     """Output tile size per axis: 4, or 2 where the output extent is <= 2 (there F(2, 3)
-    covers the axis with 4 transformed points instead of 6)."""
-    if FORCE_TILE is not None:
-        return (FORCE_TILE,) * 3
-    return tuple(2 if n <= 2 else 4 for n in geom.spatial_out)  # type: ignore[return-value]
+    covers the axis with 4 transformed points instead of 6); 1 on an axis with a 1-tap
+    kernel (no transform: one transformed point per output)."""
+    sizes = []
+    for n, k in zip(geom.spatial_out, geom.kernel, strict=True):
+        if k == 1:
+            sizes.append(1)
+        elif FORCE_TILE is not None:
+            sizes.append(FORCE_TILE)
+        else:
+            sizes.append(2 if n <= 2 else 4)
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 def _threads() -> int:
@@ -282,12 +305,23 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _points(ms) -> tuple[int, int, int]:
+    """Transformed points per axis: ``m + 2``, or 1 on a 1-tap axis (``m = 1``)."""
+    return tuple(m + 2 if m > 1 else 1 for m in ms)  # type: ignore[return-value]
+
+
+def _kernel_taps(ms) -> tuple[int, int, int]:
+    """Kernel taps per axis: 3, or 1 on a 1-tap axis (``m = 1``)."""
+    return tuple(3 if m > 1 else 1 for m in ms)  # type: ignore[return-value]
+
+
 def _scratch_elems(ms, Cp: int, ob: int, tiles_in: int, tiles_out: int) -> tuple:
     """Elements of one thread's scratch in the weight (float64: counted twice), input
     and output transforms."""
-    ad, ah, aw = (m + 2 for m in ms)
+    ad, ah, aw = _points(ms)
+    rd, rh, rw = _kernel_taps(ms)
     mh, mw = ms[1], ms[2]
-    wgt = (27 + 2 * (ad * 9 + ad * ah * 3 + aw)) * ob
+    wgt = (rd * rh * rw + 2 * (ad * rh * rw + ad * ah * rw + aw)) * ob
     inp = 2 * ad * ah * mw * (tiles_in + 1) * Cp
     out = (ad * ah * mw + ad * mh * mw + mw) * tiles_out * ob
     return wgt, inp, out
@@ -303,7 +337,7 @@ def _tiling(geom: ConvGeometry, itemsize: int):
     if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
         return None
     ms = tile_sizes(geom)
-    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    P = int(np.prod(_points(ms)))
     TD, TH, TW = (_ceil(n, m) for n, m in zip(geom.spatial_out, ms, strict=True))
     Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
     half = config.workspace_bytes // 2
@@ -344,7 +378,7 @@ def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
     if plan is None:
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
     ms, grid, (tin, tout), rows, Cp, Op, ob, rb = plan
-    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    P = int(np.prod(_points(ms)))
     tb = rb * grid[2]
     scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
     return scratch + itemsize * (P * Cp * ob + P * tb * (Cp + ob))
@@ -353,7 +387,7 @@ def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
 def _grad_scratch_elems(ms, ob: int, tiles: int) -> int:
     """Elements of one thread's scratch in the output-gradient transform (:func:`_grad_worker`)."""
     md, mh, mw = ms
-    ad, ah = md + 2, mh + 2
+    ad, ah = _points(ms)[:2]
     return (md * mh + ad * mh + ad * ah + 1) * mw * tiles * ob
 
 
@@ -367,7 +401,7 @@ def _plan_weight(geom: ConvGeometry, itemsize: int, threads: int):
     if common is None:
         return None
     ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
-    ad, ah = ms[0] + 2, ms[1] + 2
+    ad, ah = _points(ms)[:2]
     cap = config.workspace_bytes
     inp = 2 * ad * ah * ms[2] * Cp  # per input tile (+1), as in _scratch_elems
     tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp) - 1))
@@ -388,9 +422,9 @@ def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) 
     if plan is None:
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
     ms, grid, (tin, tgr), rows, Cp, Op, ob, rb = plan
-    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    P = int(np.prod(_points(ms)))
     mw = P * Cp * ob * itemsize
-    inp = 2 * (ms[0] + 2) * (ms[1] + 2) * ms[2] * Cp * (tin + 1)
+    inp = 2 * int(np.prod(_points(ms)[:2])) * ms[2] * Cp * (tin + 1)
     scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
     blocks = scratch + itemsize * P * rb * grid[2] * (Cp + ob)
     return mw + max(blocks, _finish_bytes(ms, ob, threads))
@@ -398,8 +432,9 @@ def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) 
 
 def _finish_bytes(ms, lanes: int, threads: int) -> int:
     """float64 scratch of the threads in the final G^T transform (:func:`_weight_out_worker`)."""
-    ad, ah, aw = (m + 2 for m in ms)
-    return threads * 8 * (ad * ah * aw + ad * ah * 3 + ad * 9 + 27) * lanes
+    ad, ah, aw = _points(ms)
+    rd, rh, rw = _kernel_taps(ms)
+    return threads * 8 * (ad * ah * aw + ad * ah * rw + ad * rh * rw + rd * rh * rw) * lanes
 
 
 # ----------------------------------------------------------------- kernels (numba)
@@ -422,6 +457,16 @@ _H, _Q, _E = np.float32(0.5), np.float32(0.25), np.float32(0.125)
 _1H, _2, _2H = np.float32(1.5), np.float32(2.0), np.float32(2.5)
 _4, _8 = np.float32(4.0), np.float32(8.0)
 _THIRD, _FIFTEENTH = 1.0 / 3.0, 1.0 / 15.0  # float64: the weight transform's arithmetic
+
+
+def _alpha(m):  # pragma: no cover - compiled
+    """Transformed points per axis: ``m + 2`` for F(m, 3), 1 on a 1-tap axis (``m = 1``)."""
+    return m + 2 if m > 1 else 1
+
+
+def _taps(m):  # pragma: no cover - compiled
+    """Kernel taps per axis: 3, or 1 on a 1-tap axis (``m = 1``)."""
+    return 3 if m > 1 else 1
 
 
 def _bt4(src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
@@ -457,12 +502,16 @@ def _bt2(src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
 def _bt(m, src, sr, so, R, L, dst, dr, do, K):  # pragma: no cover - compiled
     if m == 4:
         _bt4(src, sr, so, R, L, dst, dr, do, K)
-    else:
+    elif m == 2:
         _bt2(src, sr, so, R, L, dst, dr, do, K)
+    else:  # a 1-tap axis: alpha = 1, the identity
+        for k in range(K):
+            dst[dr, do + k] = src[sr, so + k]
 
 
 def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
-    """A^T of F(m, 3): ``dst[dr + i, do + k]`` from ``src[sr + j, so + k]``."""
+    """A^T of F(m, 3): ``dst[dr + i, do + k]`` from ``src[sr + j, so + k]`` (the
+    identity on a 1-tap axis, ``m = 1``)."""
     if m == 4:
         for k in range(K):
             m0, m1, m2 = src[sr, so + k], src[sr + 1, so + k], src[sr + 2, so + k]
@@ -471,12 +520,15 @@ def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
             dst[dr + 1, do + k] = m1 - m2 + _H * m3 - _2 * m4
             dst[dr + 2, do + k] = m1 + m2 + _Q * m3 + _4 * m4
             dst[dr + 3, do + k] = m1 - m2 + _E * m3 - _8 * m4 + m5
-    else:
+    elif m == 2:
         for k in range(K):
             m0, m1 = src[sr, so + k], src[sr + 1, so + k]
             m2, m3 = src[sr + 2, so + k], src[sr + 3, so + k]
             dst[dr, do + k] = m0 + m1 + m2
             dst[dr + 1, do + k] = m1 - m2 - m3
+    else:
+        for k in range(K):
+            dst[dr, do + k] = src[sr, so + k]
 
 
 def _a(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
@@ -492,17 +544,21 @@ def _a(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
             dst[dr + 3, do + k] = y0 + _H * y1 + _Q * y2 + _E * y3
             dst[dr + 4, do + k] = y0 - _2 * y1 + _4 * y2 - _8 * y3
             dst[dr + 5, do + k] = y3
-    else:
+    elif m == 2:
         for k in range(K):
             y0, y1 = src[sr, so + k], src[sr + 1, so + k]
             dst[dr, do + k] = y0
             dst[dr + 1, do + k] = y0 + y1
             dst[dr + 2, do + k] = y0 - y1
             dst[dr + 3, do + k] = -y1
+    else:
+        for k in range(K):
+            dst[dr, do + k] = src[sr, so + k]
 
 
 def _g(m, s0, s1, s2, dst, K):  # pragma: no cover - compiled
-    """``dst[i, k] = (G (s0, s1, s2)[k])[i]`` in float64 (G of F(m, 3), hard-coded)."""
+    """``dst[i, k] = (G (s0, s1, s2)[k])[i]`` in float64 (G of F(m, 3), hard-coded; on a
+    1-tap axis, ``m = 1``, ``dst[0] = s0``)."""
     if m == 4:
         for k in range(K):
             g0, g1, g2 = np.float64(s0[k]), np.float64(s1[k]), np.float64(s2[k])
@@ -512,17 +568,21 @@ def _g(m, s0, s1, s2, dst, K):  # pragma: no cover - compiled
             dst[3, k] = (-16.0 * g0 - 8.0 * g1 - 4.0 * g2) * _FIFTEENTH
             dst[4, k] = (g0 - 2.0 * g1 + 4.0 * g2) * _FIFTEENTH
             dst[5, k] = g2
-    else:
+    elif m == 2:
         for k in range(K):
             g0, g1, g2 = np.float64(s0[k]), np.float64(s1[k]), np.float64(s2[k])
             dst[0, k] = g0
             dst[1, k] = 0.5 * (g0 + g1 + g2)
             dst[2, k] = 0.5 * (g0 - g1 + g2)
             dst[3, k] = g2
+    else:  # a 1-tap axis: s0 only
+        for k in range(K):
+            dst[0, k] = np.float64(s0[k])
 
 
 def _gt(m, src, sr, ss, dst, dr, ds, K):  # pragma: no cover - compiled
-    """G^T of F(m, 3) in float64: ``dst[dr + j*ds, k] = sum_i G[i, j] src[sr + i*ss, k]``."""
+    """G^T of F(m, 3) in float64: ``dst[dr + j*ds, k] = sum_i G[i, j] src[sr + i*ss, k]``
+    (a copy on a 1-tap axis)."""
     if m == 4:
         for k in range(K):
             m0, m1, m2 = src[sr, k], src[sr + ss, k], src[sr + 2 * ss, k]
@@ -530,26 +590,32 @@ def _gt(m, src, sr, ss, dst, dr, ds, K):  # pragma: no cover - compiled
             dst[dr, k] = m0 + (m1 - m2) * _THIRD + (-16.0 * m3 + m4) * _FIFTEENTH
             dst[dr + ds, k] = (m1 + m2) * _THIRD - (8.0 * m3 + 2.0 * m4) * _FIFTEENTH
             dst[dr + 2 * ds, k] = (m1 - m2) * _THIRD + (4.0 * (m4 - m3)) * _FIFTEENTH + m5
-    else:
+    elif m == 2:
         for k in range(K):
             m0, m1, m2, m3 = src[sr, k], src[sr + ss, k], src[sr + 2 * ss, k], src[sr + 3 * ss, k]
             dst[dr, k] = m0 + 0.5 * (m1 + m2)
             dst[dr + ds, k] = 0.5 * (m1 - m2)
             dst[dr + 2 * ds, k] = 0.5 * (m1 + m2) + m3
+    else:
+        for k in range(K):
+            dst[dr, k] = src[sr, k]
 
 
 def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
     """``U[p, c, j] = ((Gd (x) Gh (x) Gw) w[o0 + j, c])[p]``, zero for ``c >= C`` or
     ``o0 + j >= O``; computed in float64 and rounded once. An item is one channel ``c``
     with all output channels of the chunk as the vector lanes."""
-    O, C = w.shape[0], w.shape[1]
+    O, C, nt = w.shape
     md, mh, mw = ms[0], ms[1], ms[2]
-    ad, ah, aw = md + 2, mh + 2, mw + 2
+    ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
+    rh, rw = _taps(mh), _taps(mw)
+    # source-row strides of taps 1 and 2 per axis (0 on a 1-tap axis: only tap 0 is read)
+    sd, sh, sw = (rh * rw if md > 1 else 0), (rw if mh > 1 else 0), (1 if mw > 1 else 0)
     Cp, K = U.shape[1], U.shape[2]
     no = max(0, min(K, O - o0))
-    w27 = np.zeros((27, K), dtype=U.dtype)
-    t1 = np.empty((9, ad, K))  # [(b, e), iz]
-    t2 = np.empty((ad, 3, ah, K))  # [iz, e, iy]
+    w27 = np.zeros((nt, K), dtype=U.dtype)
+    t1 = np.empty((rh * rw, ad, K))  # [(b, e), iz]
+    t2 = np.empty((ad, rw, ah, K))  # [iz, e, iy]
     t3 = np.empty((aw, K))
     for c in range(task * Cp // ntasks, (task + 1) * Cp // ntasks):
         if c >= C:
@@ -558,16 +624,16 @@ def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
                     U[p, c, j] = 0
             continue
         for j in range(no):  # transpose w[o0:o0+no, c]
-            for k in range(27):
+            for k in range(nt):
                 w27[k, j] = w[o0 + j, c, k]
-        for be in range(9):  # along D: tap (a, b, e) is row a*9 + be
-            _g(md, w27[be], w27[9 + be], w27[18 + be], t1[be], K)
+        for be in range(rh * rw):  # along D: tap (a, b, e) is row (a*rh + b)*rw + e
+            _g(md, w27[be], w27[sd + be], w27[2 * sd + be], t1[be], K)
         for iz in range(ad):  # along H
-            for e in range(3):
-                _g(mh, t1[e, iz], t1[3 + e, iz], t1[6 + e, iz], t2[iz, e], K)
+            for e in range(rw):
+                _g(mh, t1[e, iz], t1[sh + e, iz], t1[2 * sh + e, iz], t2[iz, e], K)
         for iz in range(ad):  # along W, rounded into U
             for iy in range(ah):
-                _g(mw, t2[iz, 0, iy], t2[iz, 1, iy], t2[iz, 2, iy], t3, K)
+                _g(mw, t2[iz, 0, iy], t2[iz, sw, iy], t2[iz, 2 * sw, iy], t3, K)
                 p0 = (iz * ah + iy) * aw
                 for iw in range(aw):
                     for j in range(K):
@@ -580,33 +646,34 @@ def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, dw):  # pragma: no cov
     27)``: the adjoint of :func:`_weight_worker`. An item is one row ``x`` of ``Mw (P, X,
     Y)``, its ``Y`` lanes being the vector lanes."""
     P, X, Y = Mw.shape
-    O, C = dw.shape[0], dw.shape[1]
+    O, C, nt = dw.shape
     md, mh, mw = ms[0], ms[1], ms[2]
-    ad, ah, aw = md + 2, mh + 2, mw + 2
+    ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
+    rh, rw = _taps(mh), _taps(mw)
     nx = max(0, min(X, O - o0)) if o_first else min(X, C)
     ny = min(Y, C) if o_first else max(0, min(Y, O - o0))
     A = np.empty((P, Y))
-    B = np.empty((ad * ah * 3, Y))  # [(iz, iy), e]
-    Cz = np.empty((ad * 9, Y))  # [iz, (b, e)]
-    R = np.empty((27, Y))  # [(a, b, e)]
+    B = np.empty((ad * ah * rw, Y))  # [(iz, iy), e]
+    Cz = np.empty((ad * rh * rw, Y))  # [iz, (b, e)]
+    R = np.empty((nt, Y))  # [(a, b, e)]
     for x in range(task * nx // ntasks, (task + 1) * nx // ntasks):
         for p in range(P):
             for k in range(Y):
                 A[p, k] = Mw[p, x, k]
         for izy in range(ad * ah):  # along W
-            _gt(mw, A, izy * aw, 1, B, izy * 3, 1, Y)
+            _gt(mw, A, izy * aw, 1, B, izy * rw, 1, Y)
         for iz in range(ad):  # along H
-            for e in range(3):
-                _gt(mh, B, iz * ah * 3 + e, 3, Cz, iz * 9 + e, 3, Y)
-        for be in range(9):  # along D
-            _gt(md, Cz, be, 9, R, be, 9, Y)
+            for e in range(rw):
+                _gt(mh, B, iz * ah * rw + e, rw, Cz, iz * rh * rw + e, rw, Y)
+        for be in range(rh * rw):  # along D
+            _gt(md, Cz, be, rh * rw, R, be, rh * rw, Y)
         if o_first:
             for k in range(ny):
-                for t in range(27):
+                for t in range(nt):
                     dw[o0 + x, k, t] = R[t, k]
         else:
             for k in range(ny):
-                for t in range(27):
+                for t in range(nt):
                     dw[o0 + k, x, t] = R[t, k]
 
 
@@ -619,7 +686,7 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compil
     """
     N, C, D, H, W = x.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
-    ad, ah, aw = md + 2, mh + 2, mw + 2
+    ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = V.shape
     V2 = V.reshape(P, T * L)
     nwc = (TW + twc - 1) // twc
@@ -682,7 +749,7 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y):  # pragma: no cover - c
     channels being the vector lanes."""
     N, O, Do, Ho, Wo = y.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
-    ad, ah, aw = md + 2, mh + 2, mw + 2
+    ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = M.shape
     M2 = M.reshape(P, T * L)
     no = min(L, O - o0)
@@ -742,7 +809,7 @@ def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - c
     tile row, all ``L`` output channels being the vector lanes."""
     N, O, Do, Ho, Wo = dy.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc = geo
-    ad, ah, aw = md + 2, mh + 2, mw + 2
+    ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = DY.shape
     DY2 = DY.reshape(P, T * L)
     no = max(0, min(L, O - o0))
@@ -817,7 +884,7 @@ def _kernels() -> dict:
             fm = {"contract"}
             module = globals()
             inline = numba.njit(inline="always", fastmath=fm, cache=True)
-            for name in ("_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt"):
+            for name in ("_alpha", "_taps", "_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt"):
                 module[name] = inline(module[name])
             jit = numba.njit(nogil=True, fastmath=fm, cache=True)
             _jitted = {
@@ -846,9 +913,9 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
     ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, rb = plan
     O, C = geom.O, geom.C
-    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    P = int(np.prod(_points(ms)))
     x = np.ascontiguousarray(x)
-    w3 = np.ascontiguousarray(w.reshape(O, C, 27), dtype=dtype)
+    w3 = np.ascontiguousarray(w.reshape(O, C, geom.taps), dtype=dtype)
     geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin)
     geo_out = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tout)
     y = np.empty(geom.out_shape, dtype=dtype)
@@ -918,12 +985,12 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
     ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, rb = plan
     O, C = geom.O, geom.C
-    P = (ms[0] + 2) * (ms[1] + 2) * (ms[2] + 2)
+    P = int(np.prod(_points(ms)))
     x = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(dy, dtype=dtype)
     geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin)
     geo_gr = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tgr)
-    dw = np.empty((O, C, 27), dtype=dtype)
+    dw = np.empty((O, C, geom.taps), dtype=dtype)
     tb = rb * TW
     with single_threaded_blas() as split:
         _weight_blocks(kernels, nw, split, x, dy, dw, plan, geo_in, geo_gr, tb, P)
@@ -933,7 +1000,7 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
 
 
 def _weight_blocks(kernels, nw, split, x, dy, dw, plan, geo_in, geo_gr, tb, P) -> None:
-    """The blocked loop of :func:`backward_weight`, accumulating ``dw (O, C, 27)``."""
+    """The blocked loop of :func:`backward_weight`, accumulating ``dw (O, C, taps)``."""
     ms, _, _, rows, Cp, Op, ob, rb = plan
     TW = geo_in[2]
     dtype = dw.dtype
