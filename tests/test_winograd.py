@@ -149,10 +149,13 @@ def _reference_dw(x, dy, geom):
     dw = np.zeros((geom.O, geom.C, *geom.kernel))
     scale = 0.0
     kd, kh, kw = geom.kernel
+    dd, dh, dw_ = geom.dilation
     for a in range(kd):
         for b in range(kh):
             for e in range(kw):
-                patch = xp[:, :, a : a + Do, b : b + Ho, e : e + Wo].transpose(1, 0, 2, 3, 4)
+                window = (slice(a * dd, a * dd + Do), slice(b * dh, b * dh + Ho),
+                          slice(e * dw_, e * dw_ + Wo))  # fmt: skip
+                patch = xp[(slice(None), slice(None), *window)].transpose(1, 0, 2, 3, 4)
                 patch = patch.reshape(geom.C, -1)
                 dw[:, :, a, b, e] = dyf @ patch.T
                 scale = max(scale, float((np.abs(dyf) @ np.abs(patch).T).max(initial=0.0)))
@@ -240,6 +243,57 @@ def test_in_plane_kernels_take_winograd_in_all_three_passes(algorithm, monkeypat
     algorithm("im2col")
     expected = engine.conv3d_backward_input(dy.astype(np.float64), w.astype(np.float64), geom)
     assert _rel_error(dx, expected, engine.transposed_geometry(geom), np.float32) <= C_F4
+
+
+# x shape, out channels, pads, dilation, kernel
+DILATED = {
+    "cubic-d2": ((1, 16, 36, 33, 35), 16, ((2, 2),) * 3, (2, 2, 2), (3, 3, 3)),
+    "mixed-dilation-asym-pads": (
+        (2, 16, 29, 36, 27),
+        24,
+        ((1, 3), (0, 2), (2, 1)),
+        (2, 3, 1),
+        (3, 3, 3),
+    ),  # fmt: skip
+    "d3-uneven-phases": ((1, 16, 40, 37, 38), 16, ((4, 4), (3, 1), (4, 4)), (3, 3, 3), (3, 3, 3)),
+    "in-plane-d2": ((1, 16, 5, 30, 31), 16, ((0, 0), (2, 2), (1, 3)), (1, 2, 2), (1, 3, 3)),
+    # dilation beyond the output extent on D: some phases have no outputs at all
+    "empty-phases": ((1, 16, 5, 12, 13), 8, ((4, 4), (1, 1), (1, 1)), (4, 1, 1), (3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("m", [None, 2], ids=["auto", "F2"])
+@pytest.mark.parametrize("name", sorted(DILATED))
+def test_dilated_layers(algorithm, tile, monkeypatch, name, m):
+    """Dilation: the tiles run over the dilation phases (no copies). The chooser's pick
+    (asserted: Winograd for all three passes where it prefers it), float32 against the
+    float64 references; inputs are not mutated."""
+    x_shape, O, pads, dilation, kernel = DILATED[name]
+    geom = conv_geometry(x_shape, (1, O, x_shape[1], *kernel), (1, 1, 1), pads, dilation, 1)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x, w = _data(rng, geom, np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    f32 = np.dtype(np.float32)
+    algorithm(None if name != "empty-phases" else "winograd")  # too small to be preferred
+    tile(m)
+    calls = []
+    forward, weight = winograd.forward, winograd.backward_weight
+    monkeypatch.setattr(winograd, "forward", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(winograd, "backward_weight", lambda *a: calls.append("w") or weight(*a))
+    assert engine.choose(geom, f32) == "winograd"
+    x0, w0, dy0 = x.copy(), w.copy(), dy.copy()
+    y = engine.conv3d_forward(x, w, geom)
+    dx = engine.conv3d_backward_input(dy, w, geom)
+    dw = engine.conv3d_backward_weight(x, dy, geom)
+    assert calls == ["f", "f", "w"]
+    c_y, c_dw = (C_F2, C_DW_F2) if m == 2 else (C_F4, C_DW_F4)
+    assert _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32) <= c_y
+    assert _dw_error(dw, x, dy, geom, np.float32) <= c_dw
+    algorithm("im2col")
+    expected = engine.conv3d_backward_input(dy.astype(np.float64), w.astype(np.float64), geom)
+    assert _rel_error(dx, expected, engine.transposed_geometry(geom), np.float32) <= c_y
+    for before, after in ((x0, x), (w0, w), (dy0, dy)):
+        np.testing.assert_array_equal(before, after)
 
 
 def test_weight_gradient_error_at_realistic_width(rng):
@@ -381,7 +435,7 @@ def test_chooser(algorithm):
     # its input gradient (pads 1, channels swapped) too
     assert engine.choose(engine.transposed_geometry(c3d_conv3a), f32) == "winograd"
     assert engine.choose(_geometry((1, 32, 64, 64, 64), 64, (1, 1, 1)), f32) == "winograd"
-    # not Winograd: a first layer, dilation 2, stride 2, groups
+    # not Winograd: a first layer, stride 2, groups
     assert engine.choose(_geometry((2, 3, 16, 112, 112), 64, (1, 1, 1)), f32) != "winograd"
     dilated = conv_geometry((1, 32, 9, 9, 9), (1, 32, 32, 3, 3, 3), (1, 1, 1), ((2, 2),) * 3,
                             (2, 2, 2), 1)  # fmt: skip
@@ -389,7 +443,8 @@ def test_chooser(algorithm):
                             (1, 1, 1), 1)  # fmt: skip
     grouped = conv_geometry((1, 32, 9, 9, 9), (2, 16, 16, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3,
                             (1, 1, 1), 2)  # fmt: skip
-    for geom in (dilated, strided, grouped):
+    assert engine.choose(dilated, f32) == "winograd"  # tiles over the dilation phases
+    for geom in (strided, grouped):
         assert not winograd.supports(geom)
         assert engine.choose(geom, f32) != "winograd"
     # too few tiles for the 128-256 channel GEMMs to amortise U

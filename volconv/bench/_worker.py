@@ -120,9 +120,6 @@ def _chosen(geom: Any) -> str | None:
     choose = getattr(engine, "choose", None)
     if choose is None:
         return None
-    phase_plan = getattr(engine, "_phase_plan", None)
-    if phase_plan is not None and phase_plan(geom, np.dtype(np.float32)) is not None:
-        return "winograd-phases"  # dilated layers split into undilated Winograd phases
     return choose(geom, np.dtype(np.float32))
 
 

@@ -16,7 +16,7 @@ name            used for
 ``depthwise``   grouped layers with <= 16 channels per group (depthwise first of
                 all), with numba: direct loops, both gradients too
 ``winograd``    dense 3x3x3 and in-plane 1x3x3 stride-1 layers with enough channels,
-                with numba: F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2, no
+                dilated too, with numba: F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2, no
                 transform on a 1-tap axis); the weight gradient too where
                 ``winograd.prefer_weight`` (else the GEMM family)
 ``fft``         dense stride-1 layers with large kernels (5^3, 7^3) on volumes
@@ -30,8 +30,9 @@ name            used for
                 as a batched-matmul axis; col2im for strided input gradients
 ==============  =================================================================
 
-Dilated stride-1 layers whose undilated phases Winograd takes are split into those
-phases first (:func:`_phase_plan`, ``_phases.py``); the weight gradient sums theirs.
+Winograd takes dilated stride-1 layers too: its tiles run over the dilation phases
+(the outputs ``d*z' + r`` read only the inputs congruent to ``r - lo`` modulo ``d``), so
+no phase is copied out.
 
 The input gradient of a stride-1 convolution is itself a stride-1 convolution
 (flipped kernel, swapped channels, padding ``d*(k-1) - p``), so it goes back
@@ -43,7 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import config
-from . import _autotune, _phases, depthwise, fft, hwunfold, im2col, pointwise, tapgemm, winograd
+from . import _autotune, depthwise, fft, hwunfold, im2col, pointwise, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
 
 ALGORITHMS = {
@@ -183,38 +184,10 @@ def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
         return _autotune.run(
             "forward", geom, x.dtype, names, lambda n: ALGORITHMS[n].forward(x, w, geom)
         )
-    split = _phase_plan(geom, x.dtype)
-    if split is not None:
-        y = np.empty(geom.out_shape, dtype=x.dtype)
-        with split.reduced_cap():
-            for phase in split.phases:
-                if phase.geom is None:
-                    y[phase.y_index] = 0
-                else:
-                    xs = np.ascontiguousarray(x[phase.x_index])
-                    y[phase.y_index] = conv3d_forward(xs, w, phase.geom)
-        return y
     name = choose(geom, x.dtype)
     if not allowed(name):  # keep IEEE propagation of Inf/NaN exact
         name = _preferred_gemm(geom)
     return ALGORITHMS[name].forward(x, w, geom)
-
-
-def _phase_plan(geom: ConvGeometry, dtype: np.dtype) -> _phases.Split | None:
-    """The polyphase split of a dilated stride-1 layer when Winograd takes every phase
-    (``_phases.py``); None otherwise. Measured on dilated_d2 (32 channels, 64^3,
-    dilation 2): 8 Winograd phases of 32^3 against per-tap GEMM on the dilated kernel,
-    forward 119 vs 180 ms, dx 123 vs 172 ms (same process, busy machine)."""
-    if geom.stride != (1, 1, 1) or geom.dilation == (1, 1, 1) or config.algorithm is not None:
-        return None
-    copies = _phases.copies_bytes(geom, np.dtype(dtype).itemsize)
-    if 2 * copies > config.workspace_bytes:  # the phases keep at least half of the cap
-        return None
-    plan = _phases.Split(_phases.split(geom), copies)
-    with plan.reduced_cap():
-        if all(p.geom is None or winograd.prefer(p.geom, dtype) for p in plan.phases):
-            return plan
-    return None
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -257,10 +230,19 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     # in-plane (1, k, k) kernels that Winograd does not take, whose col2im measured
     # faster than im2col on the transposed geometry (r2plus1d_spatial 77 vs 115 ms;
     # with Winograd 26 ms).
+    # Nor where that forward would be the in-plane unfolding: its own col2im skips the
+    # weight flip and measured faster (c3d_conv5a 75 vs 100 ms; 256 channels on 4^3:
+    # 9 vs 12).
     kd, kh, kw = geom.kernel
     if geom.stride == (1, 1, 1) and config.algorithm != im2col.NAME and geom.C >= 16:
         adjoint = transposed_geometry(geom)
-        if not (kd == 1 and kh * kw > 1) or winograd.prefer(adjoint, dy.dtype):
+        in_plane = kd == 1 and kh * kw > 1
+        unfolded = (
+            config.algorithm is None
+            and not _autotune.active()
+            and choose(adjoint, dy.dtype) == hwunfold.NAME
+        )
+        if not unfolded and (not in_plane or winograd.prefer(adjoint, dy.dtype)):
             return conv3d_forward(dy, flip_weight(w), adjoint)
     if _autotune.active():
         names = [n for n in _with("backward_input") if _supports(n, geom)]
@@ -287,16 +269,6 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
         return _autotune.run(
             "weight", geom, x.dtype, names, lambda n: ALGORITHMS[n].backward_weight(x, dy, geom)
         )
-    split = _phase_plan(geom, x.dtype)
-    if split is not None:
-        dw = np.zeros(geom.w_shape, dtype=x.dtype)
-        with split.reduced_cap():
-            for phase in split.phases:
-                if phase.geom is not None:
-                    xs = np.ascontiguousarray(x[phase.x_index])
-                    dys = np.ascontiguousarray(dy[phase.y_index])
-                    dw += conv3d_backward_weight(xs, dys, phase.geom)
-        return dw
     name = choose(geom, x.dtype)
     # The weight gradient's best GEMM differs from the forward's: the in-plane unfolding
     # won on every dense suite layer where it fits (vnet 276 vs 414 ms for per-tap GEMM,
