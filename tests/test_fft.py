@@ -216,6 +216,21 @@ def test_numpy_fallback_without_numba(monkeypatch, workspace, rng):
     assert max(_constants(x, w, dy, geom, fallback)) <= 6.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_public_scipy_fft_fallback(monkeypatch, workspace, rng, dtype):
+    """Without SciPy's pocketfft binding (a private module) the transforms go through the
+    public ``scipy.fft`` functions: the same results to rounding."""
+    workspace(TIGHT)
+    geom = _geometry((2, 3, 9, 12, 10), 4, (3, 5, 2), ((2, 0), (1, 3), (0, 1)), (1, 2, 3))
+    x, w, dy = _data(rng, geom, dtype)
+    binding = _passes(x, w, dy, geom)
+    monkeypatch.setattr(fft, "_pocketfft", None)
+    public = _passes(x, w, dy, geom)
+    for a, b in zip(public, binding, strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
 def test_outputs_reading_only_padding_are_exact_zeros(rng):
     """Every product of these outputs / taps reads padding: direct convolution gives
     exact zeros, and so must the transforms (no rounding residue)."""

@@ -39,18 +39,29 @@ Implementation
   in float32), the batch's input and output spectra, the FFT buffers, the kernels'
   scratch -- fits ``volconv.config.workspace_bytes``. When the input spectra of all
   blocks fit at once they are computed once for all output-channel chunks.
-- Input windows are gathered per block into a ``(C, nd, nh, nw)`` buffer, zeros only
-  in its margins (padding, negative pads too, by bounds: the input is never padded or
-  copied whole), then ``scipy.fft.rfftn`` with ``workers`` = the engine's thread count
-  (numba's, else the CPU count). float32 stays single precision (complex64), float64
-  double. The inverse is ``irfftn`` per block and output chunk, cropped into ``y``.
+- Transforms run one whole block per call on one thread, the blocks spread over the
+  engine's threads (numba's count, else the CPU count) by ``run_tasks``: this scaled
+  better than pocketfft's own ``workers`` split of one block's passes (V-Net forward
+  99 -> 80 ms with the direct writes below), and no result depends on which thread
+  ran a block. SciPy's pocketfft binding writes straight into the spectra arrays (no
+  copy of each block's result); without it, the public ``scipy.fft`` functions.
+- Input windows are gathered per block into a per-thread ``(C, nd, nh, nw)`` buffer,
+  zeros only in its margins (padding, negative pads too, by bounds: the input is never
+  padded or copied whole), then transformed into the block's spectra. float32 stays
+  single precision (complex64), float64 double. The inverse is pruned: along D in
+  place, along H on the ``bd`` planes kept, the real inverse along W on the ``bd*bh``
+  rows kept only, into a per-thread buffer cropped into ``y``. The output gradient's
+  forward transform (weight gradient) is pruned the same way: W on its ``bd*bh`` rows
+  of samples, H on its ``bd`` planes, zeros elsewhere until the D pass.
 - Weight spectra, stored as real/imaginary planes ``(2, nd, ob, C, nh*(nw/2+1))``: the
-  kernel has only ``k`` nonzero samples per axis, so the DFT is pruned -- H and W as
-  one real GEMM per part with the ``(kh*kw) x (nh*(nw/2+1))`` twiddle product (float64),
-  D as one real GEMM ``(2nd x 2kd) @ (2kd x rows)`` that writes the planes directly.
-  The weight gradient's pruned inverse is the mirror image (float64 throughout). All
-  through the engine's one BLAS (``_blas.gemm_f``): alternating two OpenBLAS libraries
-  made these GEMMs 10-30x slower on a busy 2-core machine (two thread pools spinning).
+  kernel has only ``k`` nonzero samples per axis, so the DFT is pruned -- separable
+  along W and H (small complex matrix products, float64), D as one real GEMM ``(2nd x
+  2kd) @ (2kd x rows)`` that writes the planes directly. The separable H/W stage halved
+  the spectra's time against one ``(kh*kw) x (nh*(nw/2+1))`` twiddle product (V-Net:
+  5.2 -> 2.5 ms per 8-channel chunk). The weight gradient's pruned inverse is the
+  mirror image (float64 throughout). All through numpy's BLAS, the engine's one BLAS
+  (``_blas.gemm_f`` too): alternating two OpenBLAS libraries made these GEMMs 10-30x
+  slower on a busy 2-core machine (two thread pools spinning).
 - The channel products ``Y[o, f] = sum_c W[o, c, f] X[c, f]`` and ``DW[o, c, f] +=
   sum_b conj(DY[b, o, f]) X[b, c, f]`` have frequency as the long axis: numba kernels
   (``nogil``, on ``run_tasks`` threads) take ``FREQ_CHUNK`` frequencies of one ``fd``
@@ -65,14 +76,15 @@ Implementation
   engine take a GEMM algorithm for the forward pass, and both gradients check and
   delegate to the chooser's GEMM pick themselves.
 
-Measured (float32, 2 threads, a 2-core machine under load ~2 from other jobs, min of 5
-runs interleaved in one process): V-Net 5x5x5 (N=1, C=O=16, 64^3, padding 2) forward
-93 ms (per-tap GEMM 214, in-plane unfolding 120), input gradient 93 (219, 123), weight
-gradient 106 (419, 118); 7x7x7, C=O=16, 48^3: forward 62 ms (268, 112), weight 71
-(529, 102). Accuracy: ``max|err| <= c * eps * sqrt(K) * max(|x| (*) |w|)`` (``K`` the
-reduction length) with c <= 2.3 measured for y, dx and dw over 2,400 random geometries,
-typically <= 1.5 (``tests/test_fft.py``): within the default factor 4 of the
-table-driven tests.
+Measured (float32, 2 threads, a 2-core machine under load ~1-2 from other jobs, min of
+5 runs interleaved in one process with the previous version): V-Net 5x5x5 (N=1, C=O=16,
+64^3, padding 2) forward 62 ms (previous version 84; in-plane unfolding ~87-120),
+input gradient 72-82 (91), weight gradient 79-84 (96-107; in-plane unfolding ~108);
+small layers gain less (5x5x5, C=8 -> O=32, 32^3: forward 15.3 ms against 16.2, in-plane
+unfolding 10.1), so the cost model's constants are unchanged. Accuracy: ``max|err| <=
+c * eps * sqrt(K) * max(|x| (*) |w|)`` (``K`` the reduction length) with c <= 2.3
+measured for y, dx and dw over 2,400 random geometries, typically <= 1.5
+(``tests/test_fft.py``): within the default factor 4 of the table-driven tests.
 """
 
 from __future__ import annotations
@@ -89,6 +101,11 @@ from .. import config
 from ._args import ConvGeometry, dilated_extent
 from ._blas import gemm_f
 from ._numba_runtime import numba_available, run_tasks
+
+try:  # SciPy's pocketfft binding: transforms into given arrays, along chosen axes
+    from scipy.fft._pocketfft import pypocketfft as _pocketfft
+except ImportError:  # pragma: no cover - a SciPy without it: the public functions
+    _pocketfft = None
 
 NAME = "fft"
 #: The transforms mix every sample of a block: one Inf/NaN would reach every output of
@@ -232,12 +249,12 @@ def _memory(
     X = bb * C * F * cs
     Y = bb * ob * F * cs  # forward: output spectra; weight: output-gradient spectra
     fc = min(FREQ_CHUNK, F)
+    # per thread: a block's gathered window (transformed straight into the spectra), or
+    # its cropped inverse (the spectra's inverse passes run in place)
+    fft_tmp = thr * max(C, ob) * n3 * isz
     if kind == "forward":
-        # gather buffer + rfftn result; or irfftn result (+ a complex copy, in case)
-        fft_tmp = max(C * (n3 * isz + F * cs), ob * (n3 * isz + F * cs))
         kernel_tmp = thr * (bb * C * 2 * fc + 4 * fc) * isz if numba else C * F * cs
     else:
-        fft_tmp = max(C, ob) * (n3 * isz + F * cs)
         kernel_tmp = thr * (bb * (C + ob) * 2 * fc) * isz if numba else (C + bb) * F * cs
     row = _transform_row_bytes(kernel, n, nwh) * rows
     return planes + X + Y + max(fft_tmp + kernel_tmp, row) + SMALL_BYTES
@@ -750,29 +767,33 @@ def _gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 def _weight_spectra(w: np.ndarray, geom: ConvGeometry, plan: _Plan, P: np.ndarray) -> None:
     """``P[0/1, fd, o, c, m]`` = real/imaginary part of ``conj(DFT(k[o, c]))`` at frequency
     ``fd*M + m`` for the dilated kernels ``w (ob, C, kd, kh, kw)`` embedded in ``n``
-    samples, by the pruned DFT: along H and W as two real GEMMs ``(kd*rows x kh*kw) @
-    (kh*kw x M)`` in float64, then along D -- the stage that writes all of ``P`` -- as one
-    real GEMM ``(2nd x 2kd) @ (2kd x rows*M)`` in ``P``'s precision, straight into the
-    planes (their row stride is the GEMM's leading dimension)."""
+    samples, by the pruned DFT: separable along W and H in float64 (two small complex
+    matrix products, ``kw`` and ``kh`` taps per frequency), then along D -- the stage that
+    writes all of ``P`` -- as one real GEMM ``(2nd x 2kd) @ (2kd x rows*M)`` in ``P``'s
+    precision, straight into the planes (their row stride is the GEMM's leading
+    dimension)."""
     kd, kh, kw = geom.kernel
-    nd, nh, _ = plan.n
-    M = nh * plan.nwh
+    _, dh, dw = geom.dilation
+    nd, nh, nwf = plan.n
+    nwh = plan.nwh
+    M = nh * nwh
     R = w.shape[0] * w.shape[1]
-    K = _plane_twiddles(geom, plan, inverse=False)
-    Kr, Ki = np.ascontiguousarray(K.real), np.ascontiguousarray(K.imag)
+    Ew = _twiddles(kw, dw, nwf, nwh)  # (kw, nwh)
+    EhT = np.ascontiguousarray(_twiddles(kh, dh, nh, nh).T)  # (nh, kh)
     Ed = _real_form(_twiddles(kd, geom.dilation[0], nd, nd).T, P.dtype)  # (2nd, 2kd)
-    rows = w.reshape(R, kd, kh * kw)
+    rows = w.reshape(R, kd, kh, kw)
     planes = P.reshape(2 * nd, R * M)
     for r0 in range(0, R, plan.rows):
         r1 = min(R, r0 + plan.rows)
         r = r1 - r0
-        wt = rows[r0:r1].transpose(1, 0, 2).reshape(kd * r, kh * kw).astype(np.float64)
+        wt = rows[r0:r1].transpose(1, 0, 2, 3).reshape(kd * r * kh, kw).astype(np.float64)
+        U = (wt @ Ew).reshape(kd * r, kh, nwh)  # along W
+        T = np.matmul(EhT, U)  # along H: (kd*r, nh, nwh), (tap a, row) major
+        del wt, U
         A = np.empty((2, kd * r, M), dtype=P.dtype)  # (re/im, (tap a, row), (fh, fw))
-        part = np.empty((kd * r, M))
-        for i, Kp in enumerate((Kr, Ki)):  # along H and W
-            _gemm(wt, Kp, part)
-            A[i] = part
-        del wt, part
+        A[0] = T.real.reshape(kd * r, M)
+        A[1] = T.imag.reshape(kd * r, M)
+        del T
         _gemm(Ed, A.reshape(2 * kd, r * M), planes[:, r0 * M : r1 * M])  # along D
         del A
 
@@ -780,16 +801,23 @@ def _weight_spectra(w: np.ndarray, geom: ConvGeometry, plan: _Plan, P: np.ndarra
 def _weight_taps(DW: np.ndarray, geom: ConvGeometry, plan: _Plan) -> np.ndarray:
     """The ``kd x kh x kw`` dilated taps of ``IDFT(DW)`` (the pruned inverse), float64
     ``(ob, C, kd, kh, kw)``; ``DW (2, nd, ob, C, M)`` holds the half spectrum (rfft). In
-    float64: along D as a real GEMM ``(2kd x 2nd) @ (2nd x rows*M)``, then H and W as
-    two real GEMMs ``(kd*rows x M) @ (M x kh*kw)`` (the real part of the complex one)."""
+    float64: along D as a real GEMM ``(2kd x 2nd) @ (2nd x rows*M)``, then separable
+    along H and W (small complex matrix products; the real part, the rfft half's
+    interior bins counted twice for their mirror images)."""
     kd, kh, kw = geom.kernel
+    _, dh, dw = geom.dilation
     nd, nh, nwf = plan.n
-    M = nh * plan.nwh
+    nwh = plan.nwh
+    M = nh * nwh
     ob, C = DW.shape[2], DW.shape[3]
     R = ob * C
     Ed = _real_form(_twiddles(kd, geom.dilation[0], nd, nd), np.float64)  # (2kd, 2nd)
-    K = _plane_twiddles(geom, plan, inverse=True)
-    Kr, Ki = np.ascontiguousarray(K.real), np.ascontiguousarray(-K.imag)
+    weight = np.full(nwh, 2.0)
+    weight[0] = 1.0
+    if nwf % 2 == 0:
+        weight[-1] = 1.0
+    Eh = _twiddles(kh, dh, nh, nh)  # (kh, nh)
+    EwT = np.ascontiguousarray((_twiddles(kw, dw, nwf, nwh) * weight).T)  # (nwh, kw)
     planes = DW.reshape(2 * nd, R * M)
     out = np.empty((R, kd, kh * kw))
     for r0 in range(0, R, plan.rows):
@@ -799,13 +827,12 @@ def _weight_taps(DW: np.ndarray, geom: ConvGeometry, plan: _Plan) -> np.ndarray:
         T = np.empty((2 * kd, r * M))
         _gemm(Ed, D, T)  # along D
         del D
-        # Re((Tr + i Ti) @ (Kr + i Ki)) = Tr @ Kr + Ti @ (-Ki), along H and W
-        taps = np.empty((kd * r, kh * kw))
-        part = np.empty((kd * r, kh * kw))
-        _gemm(T[:kd].reshape(kd * r, M), Kr, taps)
-        _gemm(T[kd:].reshape(kd * r, M), Ki, part)
-        taps += part
+        Z = (T[:kd] + 1j * T[kd:]).reshape(kd * r, nh, nwh)
         del T
+        V = np.matmul(Eh, Z)  # along H: (kd*r, kh, nwh)
+        del Z
+        taps = (V.reshape(kd * r * kh, nwh) @ EwT).real  # along W
+        del V
         out[r0:r1] = taps.reshape(kd, r, kh * kw).transpose(1, 0, 2)
     out *= 1.0 / (nd * nh * nwf)
     return out.reshape(ob, C, kd, kh, kw)
@@ -847,25 +874,132 @@ def _gather(src: np.ndarray, item: int, c0: int, c1: int, starts, lengths, out: 
     out[:, d, h, w] = src[tuple(s_src)]
 
 
-def _input_spectra(x, geom, plan, batch, X, buf, nw) -> None:
+class _Scratch:
+    """Per-thread scratch arrays of one shape: at most one per concurrently running
+    task (``run_tasks`` runs at most ``nw`` at once), reused by the next task."""
+
+    def __init__(self, shape, dtype) -> None:
+        self.shape, self.dtype = shape, dtype
+        self.free: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def get(self) -> np.ndarray:
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+        return np.empty(self.shape, dtype=self.dtype)
+
+    def put(self, a: np.ndarray) -> None:
+        with self.lock:
+            self.free.append(a)
+
+
+def _each_block(fn, count: int, nw: int, shape, dtype) -> None:
+    """``fn(i, scratch)`` for ``i < count`` on ``nw`` threads, ``scratch`` a per-thread
+    array of ``shape``: one block's transforms per call, each on one thread (whole
+    blocks in parallel scale better than pocketfft's split of one transform's passes,
+    and no result depends on which thread ran it)."""
+    scratch = _Scratch(shape, dtype)
+
+    def task(t: int, ntasks: int) -> None:
+        lo, hi = t * count // ntasks, (t + 1) * count // ntasks
+        if lo == hi:
+            return
+        buf = scratch.get()
+        try:
+            for i in range(lo, hi):
+                fn(i, buf)
+        finally:
+            scratch.put(buf)
+
+    run_tasks(task, min(nw, count))
+
+
+def _rfft3(a: np.ndarray, out: np.ndarray) -> None:
+    """``out = rfftn(a)`` over the last three axes, on the calling thread, into ``out``."""
+    if _pocketfft is not None:
+        _pocketfft.r2c(a, (1, 2, 3), True, 0, out, 1)
+    else:  # pragma: no cover - scipy without its pocketfft binding
+        out[...] = scipy.fft.rfftn(a, axes=(1, 2, 3), workers=1)
+
+
+def _irfft3_cropped(spec: np.ndarray, n, valid, buf: np.ndarray) -> np.ndarray:
+    """``irfftn(spec, s=n)[:, :v0, :v1, :v2]`` (``valid = (v0, v1, v2)``), pruned: the
+    inverse along D in place in ``spec``, along H only on the ``v0`` kept planes, the
+    real inverse along W only on the ``v0 x v1`` kept rows (into ``buf``, ``(ch, >= v0,
+    >= v1, n2)``). Returns a view of ``buf``."""
+    v0, v1, v2 = valid
+    out = buf[:, :v0, :v1, :]
+    if _pocketfft is None:  # scipy without its pocketfft binding (tests force this)
+        full = scipy.fft.irfftn(spec, s=n, axes=(1, 2, 3), workers=1)
+        out[...] = full[:, :v0, :v1, :]
+        return out[..., :v2]
+    _pocketfft.c2c(spec, (1,), False, 2, spec, 1)
+    planes = spec[:, :v0]
+    _pocketfft.c2c(planes, (2,), False, 2, planes, 1)
+    _pocketfft.c2r(spec[:, :v0, :v1], (3,), n[2], False, 2, out, 1)
+    return out[..., :v2]
+
+
+def _input_spectra(x, geom, plan, batch, X, nw) -> None:
     """``X[i] = rfftn`` of block ``batch[i]``'s input window, all channels."""
     C = geom.C
     lows = [p[0] for p in geom.pads]
-    for i, (item, start) in enumerate(batch):
+    nd, nh, nwf = plan.n
+    nwh = plan.nwh
+
+    def one(i, buf):
+        item, start = batch[i]
         starts = [start[a] - lows[a] for a in range(3)]
         _gather(x, item, 0, C, starts, plan.n, buf)
-        spec = scipy.fft.rfftn(buf, axes=(1, 2, 3), workers=nw)
-        X[i] = spec.reshape(C, -1)
-        del spec
+        _rfft3(buf, X[i].reshape(C, nd, nh, nwh))
+
+    _each_block(one, len(batch), nw, (C, nd, nh, nwf), x.dtype)
 
 
-def _output_gradient_spectra(dy, geom, plan, batch, o0, o1, DY, buf, nw) -> None:
-    """``DY[i] = rfftn`` of block ``batch[i]``'s ``dy[:, o0:o1]`` zero-padded to ``n``."""
-    for i, (item, start) in enumerate(batch):
-        _gather(dy, item, o0, o1, start, plan.b, buf)
-        spec = scipy.fft.rfftn(buf, axes=(1, 2, 3), workers=nw)
-        DY[i] = spec.reshape(o1 - o0, -1)
-        del spec
+def _output_gradient_spectra(dy, geom, plan, batch, o0, o1, DY, nw) -> None:
+    """``DY[i] = rfftn`` of block ``batch[i]``'s ``dy[:, o0:o1]`` zero-padded to ``n``,
+    pruned: only the ``bd x bh`` rows that hold samples are transformed along W, only
+    the ``bd`` such planes along H (the rest of the spectrum is zeros until the D pass)."""
+    nd, nh, nwf = plan.n
+    bd, bh, _ = plan.b
+    nwh = plan.nwh
+    no = o1 - o0
+
+    def one(i, buf):
+        item, start = batch[i]
+        spec = DY[i].reshape(no, nd, nh, nwh)
+        _gather(dy, item, o0, o1, start, (bd, bh, plan.b[2]), buf)
+        if _pocketfft is None:  # scipy without its pocketfft binding (tests force this)
+            spec[...] = 0
+            spec[:, :bd, :bh] = scipy.fft.rfft(buf, axis=3, workers=1)
+            spec[...] = scipy.fft.fftn(spec, axes=(1, 2), workers=1)
+            return
+        spec[:, bd:] = 0
+        spec[:, :bd, bh:] = 0
+        _pocketfft.r2c(buf, (3,), True, 0, spec[:, :bd, :bh], 1)
+        planes = spec[:, :bd]
+        _pocketfft.c2c(planes, (2,), True, 0, planes, 1)
+        _pocketfft.c2c(spec, (1,), True, 0, spec, 1)
+
+    _each_block(one, len(batch), nw, (no, bd, bh, nwf), dy.dtype)
+
+
+def _output_blocks(y, Y, geom, plan, batch, o0, o1, nw) -> None:
+    """``y[item, o0:o1]`` on block ``batch[i]``'s outputs = the first ``b`` samples per
+    axis (fewer at the volume's end) of ``irfftn(Y[i])``; ``Y`` is overwritten."""
+    nd, nh, nwf = plan.n
+    no = o1 - o0
+
+    def one(i, buf):
+        item, start = batch[i]
+        ends = zip(plan.b, geom.spatial_out, start, strict=True)
+        valid = [min(b, size - s) for b, size, s in ends]
+        out = _irfft3_cropped(Y[i].reshape(no, nd, nh, plan.nwh), plan.n, valid, buf)
+        dst = tuple(slice(s, s + v) for s, v in zip(start, valid, strict=True))
+        y[(item, slice(o0, o1), *dst)] = out
+
+    _each_block(one, len(batch), nw, (no, *plan.b[:2], nwf), y.dtype)
 
 
 def _live(geom: ConvGeometry, axis: int, taps: bool) -> np.ndarray:
@@ -941,9 +1075,8 @@ def _forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, reserve: int) -> 
     w5 = w.reshape(O, C, *geom.kernel)
 
     def inputs(batch):
-        buf = np.empty((C, nd, nh, nwf), dtype=dtype)
         X = Xbuf[: len(batch) * C * F].reshape(len(batch), C, F)
-        _input_spectra(x, geom, plan, batch, X, buf, nw)
+        _input_spectra(x, geom, plan, batch, X, nw)
         return X
 
     X = inputs(blocks) if single else None
@@ -958,15 +1091,7 @@ def _forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, reserve: int) -> 
                 X = inputs(batch)
             Y = Ybuf[: len(batch) * no * F].reshape(len(batch), no, F)
             _product(P, X, Y, nw)
-            for i, (item, start) in enumerate(batch):
-                spec = Y[i].reshape(no, nd, nh, nwh)
-                out = scipy.fft.irfftn(spec, s=plan.n, axes=(1, 2, 3), workers=nw, overwrite_x=True)
-                # the block's first b outputs per axis are valid; crop at the volume's end
-                ends = zip(plan.b, geom.spatial_out, start, strict=True)
-                valid = [min(b, size - s) for b, size, s in ends]
-                dst = tuple(slice(s, s + v) for s, v in zip(start, valid, strict=True))
-                y[(item, slice(o0, o1), *dst)] = out[(slice(None), *(slice(v) for v in valid))]
-                del out
+            _output_blocks(y, Y, geom, plan, batch, o0, o1, nw)
     _zero_dead(y, geom, taps=False)
     return y
 
@@ -1004,9 +1129,8 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     DWbuf = np.empty(ob * C * 2 * F, dtype=dtype)
 
     def inputs(batch):
-        buf = np.empty((C, nd, nh, nwf), dtype=dtype)
         X = Xbuf[: len(batch) * C * F].reshape(len(batch), C, F)
-        _input_spectra(x, geom, plan, batch, X, buf, nw)
+        _input_spectra(x, geom, plan, batch, X, nw)
         return X
 
     X = inputs(blocks) if single else None
@@ -1020,9 +1144,7 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
             if not single:
                 X = inputs(batch)
             DY = DYbuf[: len(batch) * no * F].reshape(len(batch), no, F)
-            buf = np.empty((no, nd, nh, nwf), dtype=dtype)
-            _output_gradient_spectra(dy, geom, plan, batch, o0, o1, DY, buf, nw)
-            del buf
+            _output_gradient_spectra(dy, geom, plan, batch, o0, o1, DY, nw)
             _accumulate(DW, DY, X, nw)
         dw[0, o0:o1] = _weight_taps(DW, geom, plan)
     _zero_dead(dw, geom, taps=True)
