@@ -1,4 +1,4 @@
-"""``volconv.engine._blas.gemm_batch``: stacks of GEMMs through SciPy's BLAS."""
+"""The engine's BLAS layer (``_blas.gemm_batch``), GEMM splitting and parallel copies."""
 
 from __future__ import annotations
 
@@ -89,3 +89,43 @@ def test_both_blas_libraries_compute_the_same_gemm(loader, monkeypatch):
         c = np.empty((2, 5, 3), dtype=dtype)
         gemm_batch(a, b, c)
         np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_copy_matches_copyto():
+    """``_slabs.copy_parallel`` (the im2col unfolding's copy, split over threads) gives
+    exactly ``np.copyto``'s result along any axis, strided sources included."""
+    from volconv.engine._slabs import PARALLEL_COPY_BYTES, copy_parallel
+
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((6, 40, 80, 90)).astype(np.float32)[:, ::2, 1::3, ::-1]
+    assert src.nbytes >= PARALLEL_COPY_BYTES  # the threaded path
+    for axis in range(src.ndim):
+        dst = np.full(src.shape, np.nan, dtype=np.float32)
+        copy_parallel(dst, src, axis=axis)
+        np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_im2col_split_gemms_match_reference(dtype):
+    """im2col with BLAS single-threaded and its GEMMs split over the engine's threads
+    (columns in the forward, rows of the weight gradient) against float64."""
+    from volconv import engine
+    from volconv.engine import im2col
+    from volconv.engine.reference import conv3d_reference
+
+    geom = engine.conv_geometry(
+        (2, 24, 12, 20, 20), (1, 32, 24, 3, 3, 3), (2, 2, 2), ((1, 1),) * 3, (1, 1, 1), 1
+    )
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(geom.in_shape).astype(dtype)
+    w = rng.standard_normal(geom.w_shape).astype(dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    eps = float(np.finfo(dtype).eps)
+    ref = conv3d_reference(x, w, geom)
+    y = im2col.forward(x, w, geom)
+    assert np.abs(y - ref).max() <= 4 * eps * np.sqrt(geom.reduction) * np.abs(ref).max()
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    dw_ref = engine.ALGORITHMS["hwunfold"].backward_weight(x64, dy64, geom)  # independent
+    dw = im2col.backward_weight(x, dy, geom)
+    positions = geom.N * int(np.prod(geom.spatial_out))
+    assert np.abs(dw - dw_ref).max() <= 4 * eps * np.sqrt(positions) * np.abs(dw_ref).max()

@@ -19,6 +19,7 @@ the GEMMs, and safe to call from several Python threads at once.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +37,17 @@ def numba_available() -> bool:
         else:
             _HAVE_NUMBA = True
     return _HAVE_NUMBA
+
+
+def engine_threads() -> int:
+    """Threads of the engine's own parallel work (transforms, products, copies): numba's
+    count where numba is present (``NUMBA_NUM_THREADS`` / ``numba.set_num_threads`` set
+    it for all of them), else every CPU."""
+    if numba_available():
+        import numba
+
+        return int(numba.get_num_threads())
+    return os.cpu_count() or 1
 
 
 #: Tasks per thread. More than one lets a thread that the OS preempts (a busy machine)

@@ -90,7 +90,6 @@ measured for y, dx and dw over 2,400 random geometries, typically <= 1.5
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from dataclasses import dataclass
 
@@ -100,7 +99,7 @@ import scipy.fft
 from .. import config
 from ._args import ConvGeometry, dilated_extent
 from ._blas import gemm_f
-from ._numba_runtime import numba_available, run_tasks
+from ._numba_runtime import engine_threads, numba_available, run_tasks
 
 try:  # SciPy's pocketfft binding: transforms into given arrays, along chosen axes
     from scipy.fft._pocketfft import pypocketfft as _pocketfft
@@ -142,13 +141,7 @@ _NS_TAPS = 2.4
 # ----------------------------------------------------------------------------- planning
 
 
-def _threads() -> int:
-    """Threads of the transforms and product kernels: numba's count, else all CPUs."""
-    if numba_available():
-        import numba
-
-        return int(numba.get_num_threads())
-    return os.cpu_count() or 1
+_threads = engine_threads  # the transforms' and product kernels' threads
 
 
 def _smooth(m: int) -> int:
