@@ -571,6 +571,24 @@ def test_accepted_bias_shapes(shape):
         np.testing.assert_array_equal(y[0, o], per_channel[o])
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1, 1), (2,), (1,), (1, 1, 1, 1, 1), ()])
+def test_bias_gradient_has_the_bias_shape(shape):
+    """Per channel: the sum of that channel's output gradient; a single value broadcast
+    over the channels: the sum of all of them (this raised a reshape error before)."""
+    x = mge.Parameter(np.ones((1, 4, 3, 3, 3), np.float32))
+    b = mge.Parameter(np.ones(shape, np.float32))
+    gm = GradManager().attach([b])
+    with gm:
+        y = F.conv3d(x, W, b)
+        g = np.arange(y.size, dtype=np.float32).reshape(y.shape)
+        gm.backward(y, g)
+    expected = g.sum(axis=(0, 2, 3, 4))
+    if b.size == 1:
+        expected = expected.sum()
+    assert b.grad.shape == shape
+    np.testing.assert_allclose(b.grad.numpy(), np.reshape(expected, shape), rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "shape",
     [(1, 3, 1, 1, 1), (2, 2, 1, 1, 1), (1, 1, 1, 1, 2), (1, 2), (2, 1), (0,), (1, 2, 1, 1, 1, 1)],

