@@ -305,3 +305,70 @@ def test_ndhwc_agrees_with_ncdhw(p, transpose, data):
     np.testing.assert_array_equal(grads_cl[0], _cl(grads[0]))
     for g_cl, g in zip(grads_cl[1:], grads[1:], strict=True):
         np.testing.assert_array_equal(g_cl, g)
+
+
+# ---- (e) Winograd's gradients on the geometries it now takes -----------------------------------
+@st.composite
+def winograd_problems(draw):
+    """Dense stride-1 problems Winograd supports: 1 or 3 taps per axis (at least one 3),
+    dilation 1-3, asymmetric pads (negative ones crop, as in transposed geometries)."""
+    kernel = draw(st.tuples(*[st.sampled_from([1, 3])] * 3))
+    assume(3 in kernel)
+    dilation = draw(_triple(1, 3))
+    pads, spatial = [], []
+    for k, d in zip(kernel, dilation, strict=True):
+        lo, hi = draw(st.integers(-1, 3)), draw(st.integers(-1, 3))
+        smallest = max(1, d * (k - 1) + 1 - lo - hi, -lo + 1, -hi + 1)
+        assume(smallest <= 12)
+        spatial.append(draw(st.integers(smallest, 12)))
+        pads.append((lo, hi))
+    return dict(
+        x_shape=(draw(st.integers(1, 2)), draw(st.integers(1, 20)), *spatial),
+        O=draw(st.integers(1, 20)),
+        kernel=kernel,
+        pads=tuple(pads),
+        dilation=dilation,
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@pytest.mark.skipif(not engine.winograd.numba_available(), reason="Winograd needs numba")
+@_settings(60)
+@given(p=winograd_problems())
+def test_winograd_forward_and_gradients_match_im2col(p):
+    """Forward, input gradient (forward on the transposed geometry) and weight gradient
+    of Winograd (forced, float32) against float64 im2col, within the Winograd bounds of
+    ``tests/test_winograd.py`` (forward/dx 12, dw 8 times eps*sqrt(K)*scale)."""
+    C, O = p["x_shape"][1], p["O"]
+    try:
+        geom = conv_geometry(p["x_shape"], (1, O, C, *p["kernel"]), (1, 1, 1), p["pads"],
+                             p["dilation"], 1)  # fmt: skip
+    except ValueError:
+        assume(False)
+    assume(min(geom.spatial_out) > 0)
+    rng = np.random.default_rng(p["seed"])
+    x = rng.standard_normal(geom.in_shape)
+    w = rng.standard_normal(geom.w_shape)
+    dy = rng.standard_normal(geom.out_shape)
+    x32, w32, dy32 = (a.astype(np.float32) for a in (x, w, dy))
+    eps = float(np.finfo(np.float32).eps)
+    with forced("im2col"):
+        y_ref = engine.conv3d_forward(x, w, geom)
+        dx_ref = engine.conv3d_backward_input(dy, w, geom)
+        dw_ref = engine.conv3d_backward_weight(x, dy, geom)
+        y_abs = engine.conv3d_forward(np.abs(x), np.abs(w), geom)
+        dx_abs = engine.conv3d_backward_input(np.abs(dy), np.abs(w), geom)
+        dw_abs = engine.conv3d_backward_weight(np.abs(x), np.abs(dy), geom)
+    winograd = engine.winograd
+    y = winograd.forward(x32, w32, geom)
+    adjoint = engine.transposed_geometry(geom)
+    dx = winograd.forward(dy32, engine.flip_weight(w32), adjoint)
+    dw = winograd.backward_weight(x32, dy32, geom)
+    positions = geom.N * int(np.prod(geom.spatial_out))
+    for got, ref, scale, K, c in (
+        (y, y_ref, y_abs, geom.reduction, 12.0),
+        (dx, dx_ref, dx_abs, adjoint.reduction, 12.0),
+        (dw, dw_ref, dw_abs, positions, 8.0),
+    ):
+        bound = c * eps * np.sqrt(max(1, K)) * max(float(scale.max(initial=0.0)), 1e-30)
+        assert float(np.abs(got - ref).max(initial=0.0)) <= bound
