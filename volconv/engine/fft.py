@@ -64,12 +64,23 @@ Implementation
   slower on a busy 2-core machine (two thread pools spinning).
 - The channel products ``Y[o, f] = sum_c W[o, c, f] X[c, f]`` and ``DW[o, c, f] +=
   sum_b conj(DY[b, o, f]) X[b, c, f]`` have frequency as the long axis: numba kernels
-  (``nogil``, on ``run_tasks`` threads) take ``FREQ_CHUNK`` frequencies of one ``fd``
-  plane per work item, de-interleave the complex inputs of the batch into real and
-  imaginary rows and accumulate 2 output x 2 input channels (forward) or 2 input
-  channels x 2 blocks (weight) per pass, loops that LLVM vectorises. Each output
-  element is summed by one work item in a fixed order: bitwise reproducible. Without
-  numba, numpy ``einsum`` does the same sums (slower; :func:`prefer` is then False).
+  (``nogil``, on ``run_tasks`` threads) take ``FREQ_CHUNK`` consecutive frequencies per
+  work item and copy its operands (prefetched a few rows ahead) into per-thread planar
+  scratch: real and imaginary rows of the constant length ``FREQ_CHUNK``, the channels
+  (forward) or blocks (weight) of the reduction adjacent and padded with zero rows to
+  a multiple of four. The inner loop then reads only unit-stride rows at constant
+  offsets of three small arrays, over a constant trip count -- no runtime alias checks
+  between dozens of slices, no index wraparound, so LLVM vectorises it -- and keeps a
+  2 x 2 block of complex accumulators (outputs x blocks, forward; outputs x input
+  channels, weight) in registers over four reduction steps. The scratch of a work
+  item (~400 KB for V-Net) stays in L2; the full pass is then bound by streaming the
+  spectra: V-Net's forward product 8.2 -> 4.9 ms per 8-channel chunk (0.30 -> 0.18 ns
+  per complex multiply-add; ~1.8 of it arithmetic, the rest the spectra's ~50 MB in
+  and out), the weight gradient's 10.8 -> 6.4 ms (0.37 -> 0.21 ns). The previous
+  kernels (accumulators in memory, one slice per row) were 2.5x slower in cache: LLVM
+  had left their main loop scalar. Each output element is summed by one work item in
+  a fixed order: bitwise reproducible. Without numba, numpy ``einsum`` does the same
+  sums (slower; :func:`prefer` is then False).
 - Outputs (and weight taps) that read only padding along some axis are set to exact
   zeros (the transforms would leave rounding residue there).
 - Non-finite data would spread through a block's transforms; ``FINITE_ONLY`` makes the
@@ -77,12 +88,14 @@ Implementation
   delegate to the chooser's GEMM pick themselves.
 
 Measured (float32, 2 threads, a 2-core machine under load ~1-2 from other jobs, min of
-5 runs interleaved in one process with the previous version): V-Net 5x5x5 (N=1, C=O=16,
-64^3, padding 2) forward 62 ms (previous version 84; in-plane unfolding ~87-120),
-input gradient 72-82 (91), weight gradient 79-84 (96-107; in-plane unfolding ~108);
-small layers gain less (5x5x5, C=8 -> O=32, 32^3: forward 15.3 ms against 16.2, in-plane
-unfolding 10.1), so the cost model's constants are unchanged. Accuracy: ``max|err| <=
-c * eps * sqrt(K) * max(|x| (*) |w|)`` (``K`` the reduction length) with c <= 2.3
+11 runs interleaved in one process with the previous product kernels, two sessions;
+medians in brackets): V-Net 5x5x5 (N=1, C=O=16, 64^3, padding 2) forward 50-54 ms
+[68-73] (previous kernels 61-74 [81-86]; in-plane unfolding ~90), input
+gradient 64-68 [72-76] (78-83 [85-88]), weight gradient 59-61 [64-68] (66-69 [84-87],
+with the smaller chunks of its pruned inverse; in-plane unfolding ~111, so the engine
+now takes FFT there); small layers gain less (5x5x5, C=8 -> O=32, 32^3: forward 17.0
+ms against 17.6, in-plane unfolding 11.7). Accuracy: ``max|err| <= c * eps * sqrt(K) *
+max(|x| (*) |w|)`` (``K`` the reduction length) with c <= 2.3
 measured for y, dx and dw over 2,400 random geometries, typically <= 1.5
 (``tests/test_fft.py``): within the default factor 4 of the table-driven tests.
 """
@@ -115,9 +128,15 @@ FINITE_ONLY = True
 DETERMINISTIC = True
 
 #: Frequencies per work item of the channel-product kernels.
-FREQ_CHUNK = 256
-#: Target bytes of the scratch of one chunk of the pruned weight DFT (or its inverse).
+FREQ_CHUNK = 128
+#: Rows ahead that the product kernels prefetch while copying a work item's inputs.
+PF_ROWS = 4
+#: Target bytes of the scratch of one chunk of the pruned weight DFT, and of its inverse
+#: (the weight gradient's; smaller: its float64 copy of the spectra is then still in L2
+#: for the GEMM along D -- 7^3 C32 32^3: 10.1 -> 7.9 ms per chunk, V-Net 3.0 -> 2.4 ms;
+#: the forward DFT measured best at 4 MB).
 ROW_TARGET_BYTES = 4 << 20
+TAPS_ROW_TARGET_BYTES = 1 << 20
 #: Allowance for small per-call arrays (twiddles, block lists, numpy's iterator and
 #: einsum buffers) in the memory plan.
 SMALL_BYTES = 128 << 10
@@ -128,7 +147,11 @@ _PRIMES = (2, 3, 5)
 # module's pipeline on the suite's layers. rfftn ~1.9 ns and irfftn ~2.6 ns per real
 # sample (flat in n from 16 to 64), the gather ~0.5 ns per sample, the product kernels
 # ~0.28 ns per complex multiply-add, ~12 GB/s for the spectra streamed once per batch,
-# and the pruned weight DFT ~1.6 ns (its inverse ~2.4 ns) per spectrum element.
+# and the pruned weight DFT ~1.6 ns (its inverse ~2.4 ns) per spectrum element. The
+# register-blocked product kernels now measure 0.18-0.24 ns (forward / weight, full
+# pass); _NS_MAC stays at 0.28: the other phases run ~1.3-1.6x above their constants
+# on this machine today, and lowering only the product's would bias prefer() toward FFT
+# on the small layers where it already loses (5^3, C16, 32^3 forward; see prefer).
 _NS_FFT = 1.9
 _NS_IFFT = 2.6
 _NS_GATHER = 0.5
@@ -241,14 +264,19 @@ def _memory(
     planes = ob * C * F * cs
     X = bb * C * F * cs
     Y = bb * ob * F * cs  # forward: output spectra; weight: output-gradient spectra
-    fc = min(FREQ_CHUNK, F)
+    fc = FREQ_CHUNK
     # per thread: a block's gathered window (transformed straight into the spectra), or
     # its cropped inverse (the spectra's inverse passes run in place)
     fft_tmp = thr * max(C, ob) * n3 * isz
+    # per thread, the product kernels' planar rows: the batch's inputs, the weights
+    # (forward) or output gradients (weight), eight accumulator rows
+    # (channels, respectively blocks, padded to a multiple of four)
     if kind == "forward":
-        kernel_tmp = thr * (bb * C * 2 * fc + 4 * fc) * isz if numba else C * F * cs
+        spans = (bb + ob) * _ceil(C, 4) * 4
+        kernel_tmp = thr * (2 * spans + 8) * fc * isz if numba else C * F * cs
     else:
-        kernel_tmp = thr * (bb * (C + ob) * 2 * fc) * isz if numba else (C + bb) * F * cs
+        spans = _ceil(bb, 4) * 4 * (C + ob)
+        kernel_tmp = thr * (2 * spans + 8) * fc * isz if numba else (C + bb) * F * cs
     row = _transform_row_bytes(kernel, n, nwh) * rows
     return planes + X + Y + max(fft_tmp + kernel_tmp, row) + SMALL_BYTES
 
@@ -321,9 +349,10 @@ def _plan_cached(kind, N, C, O, spatial_out, ext, kernel, isz, thr, cap, numba) 
                 best = _Plan(n, b, m, ob, lo, 1, 0, cost)
     if best is None:
         return None
-    # rows of the pruned weight DFT per chunk: up to ROW_TARGET_BYTES, within the cap
+    # rows of the pruned weight DFT (or inverse) per chunk: up to the target, within the cap
     per_row = _transform_row_bytes(kernel, best.n, best.nwh)
-    rows = max(1, min(O * C, ROW_TARGET_BYTES // per_row))
+    target = ROW_TARGET_BYTES if kind == "forward" else TAPS_ROW_TARGET_BYTES
+    rows = max(1, min(O * C, target // per_row))
     args = (kind, C, O, kernel, best.n, best.ob, best.bb, isz, thr)
     while rows > 1 and _memory(*args, rows, numba) > cap:
         rows = max(1, rows // 2)
@@ -396,9 +425,13 @@ GEMM_NS_BASE = 0.0043
 GEMM_NS_CHANNELS = 0.107
 #: FFT is preferred where its cost estimate is below ``MARGIN`` times the GEMM estimate.
 #: The weight gradient's GEMM (in-plane unfolding) runs ~20% faster per multiply-add than
-#: the forward's, while FFT's weight gradient measured ~35% slower than its cost model
-#: relative to the forward (two forward transforms per block), hence about half.
-MARGIN = {"forward": 1.0, "weight": 0.5}
+#: the forward's, while FFT's weight gradient runs further above its cost model than the
+#: forward (two forward transforms per block, the float64 pruned inverse): measured,
+#: FFT's weight gradient won every layer whose ratio (cost / GEMM estimate) was <= 0.77;
+#: from 0.89 to 1.10 it lost four (5^3 C8, C16, C64 at 32^3, C8 -> O32) and won two
+#: (3x5x5 at 64^3, 5^3 C32 at 32^3), hence 0.8 (0.5 before the register-blocked product
+#: kernels, when it won only 7^3 on 48^3). See the table in :func:`prefer`.
+MARGIN = {"forward": 1.0, "weight": 0.8}
 
 
 def prefer(geom: ConvGeometry, dtype, kind: str = "forward") -> bool:
@@ -407,36 +440,42 @@ def prefer(geom: ConvGeometry, dtype, kind: str = "forward") -> bool:
     the forward pass (``kind="forward"``, which also serves the stride-1 input gradient)
     or the weight gradient (``kind="weight"``). Needs numba (the product kernels).
 
-    Measured (float32, 2 threads, 2-core machine under load ~2, min of 3 interleaved
-    runs): FFT's time over the fastest of per-tap GEMM, in-plane unfolding and the
-    engine's default pick (Winograd, polyphase Winograd); ``+``: ``prefer`` is True.
+    Measured (float32, 2 threads, 2-core machine under load ~1-2, min of 5 interleaved
+    runs): FFT's time over the in-plane unfolding's (``hwunfold``, the engine's GEMM
+    pick for these undilated layers; 3^3 takes Winograd), ``(model)`` the cost model's
+    ratio ``plan.cost / GEMM estimate`` that ``MARGIN`` is compared with; ``+``:
+    ``prefer`` is True.
 
-    ============================  ===========  ===========
-    layer (N=1, C=O unless noted)  forward      weight grad
-    ============================  ===========  ===========
-    5^3, C16, 64^3 (V-Net)         0.76 +       0.94
-    5^3, C16, 48^3, N=2            0.66 +       1.14
-    5^3, C32, 32^3                 0.76 +       1.20
-    5^3, C16, 32^3                 0.90 +       1.43
-    5^3, C8, 32^3                  0.92 +       1.29
-    5^3, C4, 48^3                  0.84 +       1.11
-    5^3, C64, 32^3                 0.90 +       1.32
-    5^3, C8 -> O32, 32^3           1.27         1.82
-    5^3, C64, 16^3                 1.38         2.67
-    7^3, C16, 48^3                 0.53 +       0.70 +
-    7^3, C32, 32^3                 0.85 +       1.14
-    7^3, C8, 32^3                  0.64 +       1.16
-    7^3, C64, 16^3                 1.16         2.11
-    4^3, C32, 32^3                 1.13         1.78
-    3^3, C32, 32^3 (Winograd)      2.21         3.23
-    3^3 dil. 2, C32, 64^3          1.68         1.73
-    ============================  ===========  ===========
+    ============================  ==================  ==================
+    layer (N=1, C=O unless noted)  forward (model)     weight grad (model)
+    ============================  ==================  ==================
+    5^3, C16, 64^3 (V-Net)         0.85 (0.62) +       0.60 (0.65) +
+    5^3, C16, 48^3, N=2            0.66 (0.67) +       0.68 (0.70) +
+    5^3, C32, 48^3                 0.76 (0.73) +       0.69 (0.77) +
+    5^3, C32, 32^3                 0.99 (0.93) +       0.91 (1.05)
+    5^3, C16, 32^3                 1.14 (0.88) +       1.08 (0.98)
+    5^3, C8, 32^3                  1.09 (0.82) +       1.11 (0.89)
+    5^3, C4, 48^3                  0.82 (0.69) +       0.47 (0.71) +
+    5^3, C64, 32^3                 0.94 (0.96) +       1.04 (1.08)
+    5^3, C8 -> O32, 32^3           1.45 (1.01)         1.25 (1.10)
+    5^3, C64, 16^3                 1.89 (1.83)         2.40 (2.25)
+    3x5x5, C16, 64^3               0.89 (0.92) +       0.74 (0.98)
+    7^3, C16, 48^3                 0.49 (0.32) +       0.49 (0.36) +
+    7^3, C32, 32^3                 0.81 (0.59) +       0.88 (0.67) +
+    7^3, C8, 32^3                  0.86 (0.49) +       0.86 (0.56) +
+    7^3, C64, 16^3                 1.42 (1.21)         1.73 (1.49)
+    4^3, C32, 32^3                 1.45 (1.82)         1.59 (2.02)
+    3^3, C32, 32^3                 2.43 (2.99)         2.15 (3.15)
+    ============================  ==================  ==================
 
     FFT wins the forward (and input gradient) with 5x5x5 and larger kernels on volumes
     several times the kernel's extent, and loses on 3x3x3 layers (dilated too: 27 taps)
     and on small volumes with many channels (the weight spectra, ``O*C`` per FFT size,
-    dominate). Its weight gradient (two forward transforms per block) beats the
-    in-plane unfolding only on the largest kernels.
+    dominate). The model runs ahead of FFT on 32^3 volumes with few channels (5^3 C16
+    and C8 forward are preferred but 9-14% slower; they were before the current product
+    kernels too). Its weight gradient beats the in-plane unfolding on volumes of 48^3
+    and more and on 7^3 kernels; the margin leaves out 3x5x5 (model 0.98, like the losing
+    5^3 C16 32^3) and 5^3 C32 32^3 (1.05, like the losing C64 32^3).
     """
     if kind not in MARGIN:
         raise ValueError(f"kind must be 'forward' or 'weight', got {kind!r}")
@@ -458,178 +497,277 @@ def prefer(geom: ConvGeometry, dtype, kind: str = "forward") -> bool:
 # over tasks by index ranges, so which thread runs which task changes no bit.
 
 
-def _forward_product(task, ntasks, Wp, X, Y, fc):  # pragma: no cover - compiled
+def _forward_product(task, ntasks, Wp, X, Y, B, nd, O, C, M):  # pragma: no cover - compiled
     """``Y[b, o, f] = sum_c W[o, c, f] X[b, c, f]`` for the frequency chunks of this task.
 
-    ``Wp (2, nd, O, C, M)``: real and imaginary planes, frequency ``f = fd*M + m``;
-    ``X (B, C, F, 2)`` and ``Y (B, O, F, 2)`` interleaved complex seen as reals. A work
-    item is ``fc`` frequencies of one ``fd``; two output x two input channels per pass."""
-    _, nd, O, C, M = Wp.shape
-    B = X.shape[0]
-    per = (M + fc - 1) // fc
-    items = nd * per
-    acc = np.empty((4, fc), Wp.dtype)
-    xs = np.empty((B, C, 2, fc), Wp.dtype)
+    Flat C-ordered arrays: ``Wp (2, nd, O, C, M)`` real and imaginary planes (frequency
+    ``f = fd*M + m``), ``X (B, C, F, 2)`` and ``Y (B, O, F, 2)`` interleaved complex seen
+    as reals. A work item is ``FREQ_CHUNK`` consecutive frequencies (fewer in the last):
+    its inputs are copied into planar scratch rows of the constant stride ``FC``
+    (weights ``[o][c][re, im]``, inputs ``[b][c][re, im]``, prefetched ``PF_ROWS`` rows
+    ahead), so that every load of the inner loop is unit-stride at a constant offset in
+    one of three arrays, over a constant ``FC`` lanes: loops that LLVM vectorises
+    without per-row alias checks or index wraparound. Two output channels x two blocks
+    accumulate over four input channels per pass, in registers."""
+    FC = FREQ_CHUNK
+    LINE = 64 // Wp.itemsize
+    F = nd * M
+    PL = nd * O * C * M  # the imaginary plane's offset
+    items = (F + FC - 1) // FC
+    Cp = (C + 3) // 4 * 4  # channels padded with zero rows: four per pass, no remainder
+    xs = np.zeros(B * Cp * 2 * FC, Wp.dtype)
+    ws = np.zeros(O * Cp * 2 * FC, Wp.dtype)
+    acc = np.zeros(8 * FC, Wp.dtype)
     for it in range(task * items // ntasks, (task + 1) * items // ntasks):
-        fd = it // per
-        m0 = (it % per) * fc
-        L = min(fc, M - m0)
-        f0 = fd * M + m0
-        for b in range(B):
-            for c in range(C):
-                src = X[b, c]
-                dr = xs[b, c, 0]
-                di = xs[b, c, 1]
-                for j in range(L):
-                    dr[j] = src[f0 + j, 0]
-                    di[j] = src[f0 + j, 1]
-        Wr = Wp[0, fd]
-        Wi = Wp[1, fd]
-        a0r = acc[0]
-        a0i = acc[1]
-        a1r = acc[2]
-        a1i = acc[3]
+        f0 = it * FC
+        L = min(FC, F - f0)  # lanes past L hold stale finite data, never stored
+        for r in range(B * C):  # r = b*C + c
+            if r + PF_ROWS < B * C:
+                s = ((r + PF_ROWS) * F + f0) * 2
+                for j in range(0, 2 * L, LINE):
+                    _prefetch(X, s + j)
+            s = (r * F + f0) * 2
+            src = X[s : s + 2 * L]
+            d = (r // C * Cp + r % C) * 2 * FC
+            dst = xs[d : d + 2 * FC]
+            for j in range(L):
+                dst[j] = src[2 * j]
+                dst[FC + j] = src[2 * j + 1]
+        fd0 = f0 // M
+        m0 = f0 - fd0 * M
+        for r in range(O * C):  # r = o*C + c; segments of the chunk per fd
+            if r + PF_ROWS < O * C:
+                s = (fd0 * O * C + r + PF_ROWS) * M + m0
+                for j in range(0, min(L, M - m0), LINE):
+                    _prefetch(Wp, s + j)
+                    _prefetch(Wp, PL + s + j)
+            d = (r // C * Cp + r % C) * 2 * FC
+            dst = ws[d : d + 2 * FC]
+            j0 = 0
+            fd = fd0
+            m = m0
+            while j0 < L:
+                n = min(L - j0, M - m)
+                s = (fd * O * C + r) * M + m
+                sr = Wp[s : s + n]
+                si = Wp[PL + s : PL + s + n]
+                dr = dst[j0 : j0 + n]
+                di = dst[FC + j0 : FC + j0 + n]
+                for j in range(n):
+                    dr[j] = sr[j]
+                    di[j] = si[j]
+                j0 += n
+                fd += 1
+                m = 0
         for o in range(0, O, 2):
             o1 = min(o + 1, O - 1)
-            for b in range(B):
-                for j in range(L):
-                    a0r[j] = 0
-                    a0i[j] = 0
-                    a1r[j] = 0
-                    a1i[j] = 0
-                for c in range(0, C - 1, 2):
-                    u0r = Wr[o, c, m0 : m0 + L]
-                    u0i = Wi[o, c, m0 : m0 + L]
-                    u1r = Wr[o1, c, m0 : m0 + L]
-                    u1i = Wi[o1, c, m0 : m0 + L]
-                    v0r = Wr[o, c + 1, m0 : m0 + L]
-                    v0i = Wi[o, c + 1, m0 : m0 + L]
-                    v1r = Wr[o1, c + 1, m0 : m0 + L]
-                    v1i = Wi[o1, c + 1, m0 : m0 + L]
-                    p = xs[b, c, 0]
-                    q = xs[b, c, 1]
-                    r = xs[b, c + 1, 0]
-                    s = xs[b, c + 1, 1]
+            for b in range(0, B, 2):
+                b1 = min(b + 1, B - 1)
+                acc[:] = 0
+                for c in range(0, Cp, 4):
+                    g0 = ws[(o * Cp + c) * 2 * FC : (o * Cp + c + 4) * 2 * FC]
+                    g1 = ws[(o1 * Cp + c) * 2 * FC : (o1 * Cp + c + 4) * 2 * FC]
+                    xp = xs[(b * Cp + c) * 2 * FC : (b * Cp + c + 4) * 2 * FC]
+                    xq = xs[(b1 * Cp + c) * 2 * FC : (b1 * Cp + c + 4) * 2 * FC]
+                    for j in range(FC):
+                        s0r = acc[j]
+                        s0i = acc[FC + j]
+                        s1r = acc[2 * FC + j]
+                        s1i = acc[3 * FC + j]
+                        t0r = acc[4 * FC + j]
+                        t0i = acc[5 * FC + j]
+                        t1r = acc[6 * FC + j]
+                        t1i = acc[7 * FC + j]
+                        for k in range(4):
+                            u0r = g0[2 * k * FC + j]
+                            u0i = g0[(2 * k + 1) * FC + j]
+                            u1r = g1[2 * k * FC + j]
+                            u1i = g1[(2 * k + 1) * FC + j]
+                            pr = xp[2 * k * FC + j]
+                            pi = xp[(2 * k + 1) * FC + j]
+                            qr = xq[2 * k * FC + j]
+                            qi = xq[(2 * k + 1) * FC + j]
+                            s0r += u0r * pr - u0i * pi
+                            s0i += u0r * pi + u0i * pr
+                            s1r += u1r * pr - u1i * pi
+                            s1i += u1r * pi + u1i * pr
+                            t0r += u0r * qr - u0i * qi
+                            t0i += u0r * qi + u0i * qr
+                            t1r += u1r * qr - u1i * qi
+                            t1i += u1r * qi + u1i * qr
+                        acc[j] = s0r
+                        acc[FC + j] = s0i
+                        acc[2 * FC + j] = s1r
+                        acc[3 * FC + j] = s1i
+                        acc[4 * FC + j] = t0r
+                        acc[5 * FC + j] = t0i
+                        acc[6 * FC + j] = t1r
+                        acc[7 * FC + j] = t1i
+                for q in range(4):  # (o, b), (o1, b), (o, b1), (o1, b1); duplicates skipped
+                    oo = o if q % 2 == 0 else o1
+                    bq = b if q < 2 else b1
+                    if (q % 2 == 1 and o1 == o) or (q >= 2 and b1 == b):
+                        continue
+                    d = ((bq * O + oo) * F + f0) * 2
+                    dst = Y[d : d + 2 * L]
+                    a = acc[2 * q * FC : (2 * q + 2) * FC]
                     for j in range(L):
-                        pr = p[j]
-                        qi = q[j]
-                        rr = r[j]
-                        si = s[j]
-                        a0r[j] += u0r[j] * pr - u0i[j] * qi + v0r[j] * rr - v0i[j] * si
-                        a0i[j] += u0r[j] * qi + u0i[j] * pr + v0r[j] * si + v0i[j] * rr
-                        a1r[j] += u1r[j] * pr - u1i[j] * qi + v1r[j] * rr - v1i[j] * si
-                        a1i[j] += u1r[j] * qi + u1i[j] * pr + v1r[j] * si + v1i[j] * rr
-                if C % 2 == 1:
-                    c = C - 1
-                    u0r = Wr[o, c, m0 : m0 + L]
-                    u0i = Wi[o, c, m0 : m0 + L]
-                    u1r = Wr[o1, c, m0 : m0 + L]
-                    u1i = Wi[o1, c, m0 : m0 + L]
-                    p = xs[b, c, 0]
-                    q = xs[b, c, 1]
-                    for j in range(L):
-                        pr = p[j]
-                        qi = q[j]
-                        a0r[j] += u0r[j] * pr - u0i[j] * qi
-                        a0i[j] += u0r[j] * qi + u0i[j] * pr
-                        a1r[j] += u1r[j] * pr - u1i[j] * qi
-                        a1i[j] += u1r[j] * qi + u1i[j] * pr
-                d0 = Y[b, o]
-                for j in range(L):
-                    d0[f0 + j, 0] = a0r[j]
-                    d0[f0 + j, 1] = a0i[j]
-                if o1 != o:
-                    d1 = Y[b, o1]
-                    for j in range(L):
-                        d1[f0 + j, 0] = a1r[j]
-                        d1[f0 + j, 1] = a1i[j]
+                        dst[2 * j] = a[j]
+                        dst[2 * j + 1] = a[FC + j]
 
 
-def _weight_product(task, ntasks, DW, DY, X, fc):  # pragma: no cover - compiled
+def _weight_product(task, ntasks, DW, DY, X, B, nd, O, C, M):  # pragma: no cover - compiled
     """``DW[o, c, f] += sum_b conj(DY[b, o, f]) X[b, c, f]`` (blocks in order) for the
-    frequency chunks of this task. ``DW (2, nd, O, C, M)`` planes (``f = fd*M + m``);
-    ``DY (B, O, F, 2)`` and ``X (B, C, F, 2)`` interleaved. Two input channels x two
-    blocks per pass."""
-    _, nd, O, C, M = DW.shape
-    B = X.shape[0]
-    per = (M + fc - 1) // fc
-    items = nd * per
-    xs = np.empty((B, C, 2, fc), DW.dtype)
-    ys = np.empty((B, O, 2, fc), DW.dtype)
-    spare = np.empty((2, fc), DW.dtype)
+    frequency chunks of this task. Flat C-ordered arrays: ``DW (2, nd, O, C, M)`` planes
+    (``f = fd*M + m``), ``DY (B, O, F, 2)`` and ``X (B, C, F, 2)`` interleaved. As in
+    :func:`_forward_product`, a work item copies its inputs into planar scratch rows of
+    stride ``FC`` (``[o][b][re, im]`` and ``[c][b][re, im]``: the blocks of one channel
+    adjacent); two output x two input channels accumulate over four blocks per pass."""
+    FC = FREQ_CHUNK
+    LINE = 64 // DW.itemsize
+    F = nd * M
+    PL = nd * O * C * M
+    items = (F + FC - 1) // FC
+    Bp = (B + 3) // 4 * 4  # blocks padded with zero rows: four per pass, no remainder
+    xs = np.zeros(Bp * C * 2 * FC, DW.dtype)
+    ys = np.zeros(Bp * O * 2 * FC, DW.dtype)
+    acc = np.zeros(8 * FC, DW.dtype)
     for it in range(task * items // ntasks, (task + 1) * items // ntasks):
-        fd = it // per
-        m0 = (it % per) * fc
-        L = min(fc, M - m0)
-        f0 = fd * M + m0
+        f0 = it * FC
+        L = min(FC, F - f0)  # lanes past L hold stale finite data, never stored
+        fd0 = f0 // M
+        m0 = f0 - fd0 * M
         for b in range(B):
             for c in range(C):
-                src = X[b, c]
-                dr = xs[b, c, 0]
-                di = xs[b, c, 1]
+                s = ((b * C + c) * F + f0) * 2
+                if c + PF_ROWS < C:
+                    for j in range(0, 2 * L, LINE):
+                        _prefetch(X, s + PF_ROWS * 2 * F + j)
+                src = X[s : s + 2 * L]
+                r = c * Bp + b
+                dst = xs[r * 2 * FC : (r + 1) * 2 * FC]
                 for j in range(L):
-                    dr[j] = src[f0 + j, 0]
-                    di[j] = src[f0 + j, 1]
+                    dst[j] = src[2 * j]
+                    dst[FC + j] = src[2 * j + 1]
             for o in range(O):
-                src = DY[b, o]
-                dr = ys[b, o, 0]
-                di = ys[b, o, 1]
+                s = ((b * O + o) * F + f0) * 2
+                if o + PF_ROWS < O:
+                    for j in range(0, 2 * L, LINE):
+                        _prefetch(DY, s + PF_ROWS * 2 * F + j)
+                src = DY[s : s + 2 * L]
+                r = o * Bp + b
+                dst = ys[r * 2 * FC : (r + 1) * 2 * FC]
                 for j in range(L):
-                    dr[j] = src[f0 + j, 0]
-                    di[j] = src[f0 + j, 1]
-        Ar = DW[0, fd]
-        Ai = DW[1, fd]
-        for o in range(O):
+                    dst[j] = src[2 * j]
+                    dst[FC + j] = src[2 * j + 1]
+        for o in range(0, O, 2):
+            o1 = min(o + 1, O - 1)
             for c in range(0, C, 2):
                 c1 = min(c + 1, C - 1)
-                a0r = Ar[o, c, m0 : m0 + L]
-                a0i = Ai[o, c, m0 : m0 + L]
-                a1r = Ar[o, c1, m0 : m0 + L]
-                a1i = Ai[o, c1, m0 : m0 + L]
-                if c1 == c:  # odd C: the second accumulator is scratch
-                    a1r = spare[0, :L]
-                    a1i = spare[1, :L]
-                for b in range(0, B - 1, 2):
-                    p = ys[b, o, 0]
-                    q = ys[b, o, 1]
-                    g = ys[b + 1, o, 0]
-                    h = ys[b + 1, o, 1]
-                    x0r = xs[b, c, 0]
-                    x0i = xs[b, c, 1]
-                    x1r = xs[b, c1, 0]
-                    x1i = xs[b, c1, 1]
-                    z0r = xs[b + 1, c, 0]
-                    z0i = xs[b + 1, c, 1]
-                    z1r = xs[b + 1, c1, 0]
-                    z1i = xs[b + 1, c1, 1]
-                    for j in range(L):
-                        pr = p[j]
-                        qi = q[j]
-                        gr = g[j]
-                        hi = h[j]
-                        a0r[j] += pr * x0r[j] + qi * x0i[j] + gr * z0r[j] + hi * z0i[j]
-                        a0i[j] += pr * x0i[j] - qi * x0r[j] + gr * z0i[j] - hi * z0r[j]
-                        a1r[j] += pr * x1r[j] + qi * x1i[j] + gr * z1r[j] + hi * z1i[j]
-                        a1i[j] += pr * x1i[j] - qi * x1r[j] + gr * z1i[j] - hi * z1r[j]
-                if B % 2 == 1:
-                    b = B - 1
-                    p = ys[b, o, 0]
-                    q = ys[b, o, 1]
-                    x0r = xs[b, c, 0]
-                    x0i = xs[b, c, 1]
-                    x1r = xs[b, c1, 0]
-                    x1i = xs[b, c1, 1]
-                    for j in range(L):
-                        pr = p[j]
-                        qi = q[j]
-                        a0r[j] += pr * x0r[j] + qi * x0i[j]
-                        a0i[j] += pr * x0i[j] - qi * x0r[j]
-                        a1r[j] += pr * x1r[j] + qi * x1i[j]
-                        a1i[j] += pr * x1i[j] - qi * x1r[j]
+                for q in range(8):  # rows (re, im) of (o, c), (o, c1), (o1, c), (o1, c1)
+                    r = (o if q < 4 else o1) * C + (c if q % 4 < 2 else c1)
+                    a = acc[q * FC : (q + 1) * FC]
+                    j0 = 0
+                    fd = fd0
+                    m = m0
+                    while j0 < L:  # the chunk's segments per fd
+                        n = min(L - j0, M - m)
+                        s = (fd * O * C + r) * M + m + PL * (q % 2)
+                        src = DW[s : s + n]
+                        part = a[j0 : j0 + n]
+                        for j in range(n):
+                            part[j] = src[j]
+                        j0 += n
+                        fd += 1
+                        m = 0
+                for b in range(0, Bp, 4):
+                    y0 = ys[(o * Bp + b) * 2 * FC : (o * Bp + b + 4) * 2 * FC]
+                    y1 = ys[(o1 * Bp + b) * 2 * FC : (o1 * Bp + b + 4) * 2 * FC]
+                    xp = xs[(c * Bp + b) * 2 * FC : (c * Bp + b + 4) * 2 * FC]
+                    xq = xs[(c1 * Bp + b) * 2 * FC : (c1 * Bp + b + 4) * 2 * FC]
+                    for j in range(FC):
+                        s0r = acc[j]
+                        s0i = acc[FC + j]
+                        s1r = acc[2 * FC + j]
+                        s1i = acc[3 * FC + j]
+                        t0r = acc[4 * FC + j]
+                        t0i = acc[5 * FC + j]
+                        t1r = acc[6 * FC + j]
+                        t1i = acc[7 * FC + j]
+                        for k in range(4):
+                            yr = y0[2 * k * FC + j]
+                            yi = y0[(2 * k + 1) * FC + j]
+                            zr = y1[2 * k * FC + j]
+                            zi = y1[(2 * k + 1) * FC + j]
+                            pr = xp[2 * k * FC + j]
+                            pi = xp[(2 * k + 1) * FC + j]
+                            qr = xq[2 * k * FC + j]
+                            qi = xq[(2 * k + 1) * FC + j]
+                            s0r += yr * pr + yi * pi
+                            s0i += yr * pi - yi * pr
+                            s1r += yr * qr + yi * qi
+                            s1i += yr * qi - yi * qr
+                            t0r += zr * pr + zi * pi
+                            t0i += zr * pi - zi * pr
+                            t1r += zr * qr + zi * qi
+                            t1i += zr * qi - zi * qr
+                        acc[j] = s0r
+                        acc[FC + j] = s0i
+                        acc[2 * FC + j] = s1r
+                        acc[3 * FC + j] = s1i
+                        acc[4 * FC + j] = t0r
+                        acc[5 * FC + j] = t0i
+                        acc[6 * FC + j] = t1r
+                        acc[7 * FC + j] = t1i
+                for q in range(8):
+                    if (q >= 4 and o1 == o) or (q % 4 >= 2 and c1 == c):
+                        continue
+                    r = (o if q < 4 else o1) * C + (c if q % 4 < 2 else c1)
+                    a = acc[q * FC : (q + 1) * FC]
+                    j0 = 0
+                    fd = fd0
+                    m = m0
+                    while j0 < L:
+                        n = min(L - j0, M - m)
+                        s = (fd * O * C + r) * M + m + PL * (q % 2)
+                        dst = DW[s : s + n]
+                        part = a[j0 : j0 + n]
+                        for j in range(n):
+                            dst[j] = part[j]
+                        j0 += n
+                        fd += 1
+                        m = 0
 
 
 _jitted: dict | None = None
 _jit_lock = threading.Lock()
+_prefetch = None  # the kernels' prefetch (``_prefetch(array, index)``), set by _kernels
+
+
+def _prefetch_intrinsic():
+    """A numba intrinsic: ``prefetch(array, index)`` hints the cache line of
+    ``array[index]`` into all cache levels (``llvm.prefetch``; never faults)."""
+    from llvmlite import ir
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            data = context.make_array(sig.args[0])(context, builder, args[0]).data
+            ptr = builder.gep(data, [args[1]])
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(array, index), codegen
+
+    return prefetch
 
 
 def _kernels() -> dict | None:
@@ -642,12 +780,15 @@ def _kernels() -> dict | None:
         if _jitted is None:
             import numba
 
+            global _prefetch
+            _prefetch = _prefetch_intrinsic()
+
             # Contraction into FMAs only: no reassociation, each output's arithmetic
             # fixed by the arguments (bitwise reproducible).
             # Compiled eagerly for both dtypes: the first call of any pass compiles (or
             # loads) everything, so later passes allocate nothing for numba.
-            planes, spectra = "{0}[:, :, :, :, ::1]", "{0}[:, :, :, ::1]"
-            sig = f"void(int64, int64, {planes}, {spectra}, {spectra}, int64)"
+            flat = "{0}[::1]"
+            sig = f"void(int64, int64, {flat}, {flat}, {flat}, int64, int64, int64, int64, int64)"
             sigs = [sig.format(t) for t in ("float32", "float64")]
             jit = numba.njit(sigs, nogil=True, fastmath={"contract"}, cache=True)
             _jitted = {
@@ -661,8 +802,8 @@ def _product(Wp: np.ndarray, X: np.ndarray, Y: np.ndarray, nw: int) -> None:
     """``Y[b, o] = sum_c W[o, c] * X[b, c]`` (complex, frequency last); ``Wp (2, nd, O, C, M)``."""
     kernels = _kernels()
     if kernels is not None:
-        fc = min(FREQ_CHUNK, Wp.shape[4])
-        run_tasks(kernels["forward"], nw, Wp, _as_real(X), _as_real(Y), fc)
+        _, nd, O, C, M = Wp.shape
+        run_tasks(kernels["forward"], nw, _flat(Wp), _flat(X), _flat(Y), X.shape[0], nd, O, C, M)
         return
     _, nd, O, C, M = Wp.shape  # numpy fallback: one (B, F) product per output channel
     Wc = np.empty((C, nd, M), dtype=X.dtype)
@@ -676,8 +817,8 @@ def _accumulate(DW: np.ndarray, DY: np.ndarray, X: np.ndarray, nw: int) -> None:
     """``DW[o, c] += sum_b conj(DY[b, o]) * X[b, c]``; ``DW (2, nd, O, C, M)``."""
     kernels = _kernels()
     if kernels is not None:
-        fc = min(FREQ_CHUNK, DW.shape[4])
-        run_tasks(kernels["weight"], nw, DW, _as_real(DY), _as_real(X), fc)
+        _, nd, O, C, M = DW.shape
+        run_tasks(kernels["weight"], nw, _flat(DW), _flat(DY), _flat(X), X.shape[0], nd, O, C, M)
         return
     _, nd, O, C, M = DW.shape  # numpy fallback: one (C, F) product per output channel
     B = X.shape[0]
@@ -690,10 +831,13 @@ def _accumulate(DW: np.ndarray, DY: np.ndarray, X: np.ndarray, nw: int) -> None:
         DW[1, :, o] += part.imag.reshape(C, nd, M).transpose(1, 0, 2)
 
 
-def _as_real(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous complex array ``(..., F)`` as reals ``(..., F, 2)``."""
-    real = np.float32 if a.dtype == np.complex64 else np.float64
-    return a.view(real).reshape(*a.shape, 2)
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array as a flat real view (complex: interleaved real, imaginary);
+    never a copy (the kernels write through it)."""
+    if not a.flags.c_contiguous:  # pragma: no cover - the callers' buffers are
+        raise ValueError("fft: the product kernels need C-contiguous arrays")
+    real = np.float32 if a.dtype in (np.float32, np.complex64) else np.float64
+    return a.reshape(-1).view(real)
 
 
 # ------------------------------------------------------------------ transforms and blocks
@@ -820,7 +964,10 @@ def _weight_taps(DW: np.ndarray, geom: ConvGeometry, plan: _Plan) -> np.ndarray:
         T = np.empty((2 * kd, r * M))
         _gemm(Ed, D, T)  # along D
         del D
-        Z = (T[:kd] + 1j * T[kd:]).reshape(kd * r, nh, nwh)
+        Z = np.empty((kd, r * M), dtype=np.complex128)  # no complex temporary
+        Z.real = T[:kd]
+        Z.imag = T[kd:]
+        Z = Z.reshape(kd * r, nh, nwh)
         del T
         V = np.matmul(Eh, Z)  # along H: (kd*r, kh, nwh)
         del Z
