@@ -443,7 +443,13 @@ def test_chooser(algorithm):
                             (1, 1, 1), 1)  # fmt: skip
     grouped = conv_geometry((1, 32, 9, 9, 9), (2, 16, 16, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3,
                             (1, 1, 1), 2)  # fmt: skip
-    assert engine.choose(dilated, f32) == "winograd"  # tiles over the dilation phases
+    # dilated: the tiles run over the dilation phases, taken where the partial tiles of
+    # the phases waste little (9^3 at d=2 has phases of 5: 5.6x the outputs computed)
+    assert winograd.supports(dilated) and winograd.tile_waste(dilated) > winograd.MAX_TILE_WASTE
+    assert engine.choose(dilated, f32) != "winograd"
+    even = conv_geometry((1, 32, 16, 16, 16), (1, 32, 32, 3, 3, 3), (1, 1, 1), ((2, 2),) * 3,
+                         (2, 2, 2), 1)  # fmt: skip
+    assert winograd.tile_waste(even) == 1.0 and engine.choose(even, f32) == "winograd"
     for geom in (strided, grouped):
         assert not winograd.supports(geom)
         assert engine.choose(geom, f32) != "winograd"

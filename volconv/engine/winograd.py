@@ -259,9 +259,28 @@ MIN_TILES = 32
 PREFERRED_KERNELS = ((3, 3, 3), (1, 3, 3))
 
 
+#: Largest ratio of computed tile outputs to real outputs (partial tiles at the far faces,
+#: per dilation phase) at which the chooser takes Winograd. Measured against the in-plane
+#: unfolding (2 threads, forward): waste 1.0-1.73 wins 1.1-2.8x (32^3 d=2, 20^3 d=3,
+#: 10^3, 24^3 d=3), waste 2.09-5.6 loses (0.31-0.90x: 5x14x14 and 5^3 at 128-256
+#: channels, 9^3, 6^3, 12^3 d=2, 18^3 d=4).
+MAX_TILE_WASTE = 2.0
+
+
+def tile_waste(geom: ConvGeometry) -> float:
+    """Computed tile outputs per real output: ``prod(d * ceil(ceil(n/d)/m) * m / n)``."""
+    waste = 1.0
+    for n, m, d in zip(geom.spatial_out, tile_sizes(geom), geom.dilation, strict=True):
+        waste *= d * _ceil(_ceil(n, d), m) * m / max(1, n)
+    return waste
+
+
 def prefer(geom: ConvGeometry, dtype) -> bool:
-    """Whether the chooser should take Winograd for this geometry (see MIN_CHANNELS)."""
+    """Whether the chooser should take Winograd for this geometry (see MIN_CHANNELS and
+    MAX_TILE_WASTE)."""
     if geom.kernel not in PREFERRED_KERNELS or min(geom.C, geom.O) < MIN_CHANNELS:
+        return False
+    if min(geom.spatial_out) == 0 or tile_waste(geom) > MAX_TILE_WASTE:
         return False
     if not supports(geom):
         return False
