@@ -141,3 +141,43 @@ def test_float16_accumulates_in_float32():
     x = np.ones((1, 3000, 1, 1, 1), np.float16)
     w = np.ones((1, 3000, 1, 1, 1), np.float16)
     assert float(F.conv3d(x, w).numpy().ravel()[0]) == 3000.0
+
+
+# ---- the bias fused into the algorithms' output writes ------------------------------------------
+FUSED_BIAS_CASES = [
+    # (algorithm, x shape, weight shape (O, C, k...), stride, pads): hwunfold's tap columns
+    # (one item per slab, and items batched through a plane buffer), its tap rows (stems),
+    # depth padding so wide that some output planes read no input at all, and Winograd
+    ("hwunfold", (1, 3, 6, 20, 20), (8, 3, 3, 3, 3), (1, 1, 1), (1, 1, 1)),
+    ("hwunfold", (3, 2, 5, 6, 7), (4, 2, 3, 3, 3), (1, 1, 1), (1, 1, 1)),
+    ("hwunfold", (2, 3, 6, 20, 20), (8, 3, 3, 7, 7), (1, 2, 2), (1, 3, 3)),
+    ("hwunfold", (1, 3, 2, 9, 9), (5, 3, 3, 3, 3), (1, 1, 1), (4, 1, 1)),
+    ("hwunfold", (1, 16, 2, 9, 9), (5, 16, 3, 3, 3), (1, 1, 1), (4, 1, 1)),
+    ("winograd", (2, 16, 6, 9, 10), (24, 16, 3, 3, 3), (1, 1, 1), (1, 1, 1)),
+    ("winograd", (1, 16, 5, 12, 12), (8, 16, 1, 3, 3), (1, 1, 1), (0, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("name", "xs", "ws", "stride", "pads"), FUSED_BIAS_CASES)
+def test_fused_bias_matches_bias_added_after(algorithm, name, xs, ws, stride, pads, dtype):
+    """An algorithm that adds the bias while writing y (``FUSED_BIAS``) gives the
+    forward plus the bias exactly as one added after, planes without input included."""
+    from volconv.engine._args import conv_geometry
+    from volconv.engine.reference import conv3d_reference
+
+    assert getattr(engine.ALGORITHMS[name], "FUSED_BIAS", False)
+    geom = conv_geometry(xs, (1, *ws), stride, tuple((p, p) for p in pads), (1, 1, 1), 1)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(geom.in_shape).astype(dtype)
+    w = rng.standard_normal(geom.w_shape).astype(dtype)
+    b = rng.standard_normal(geom.O).astype(dtype)
+    algorithm(name)
+    assert engine.choose(geom, np.dtype(dtype)) == name
+    fused = engine.conv3d_forward(x, w, geom, bias=b)
+    after = engine.conv3d_forward(x, w, geom) + b.reshape(-1, 1, 1, 1)
+    K = geom.reduction
+    tol = 4 * np.finfo(dtype).eps * np.sqrt(K) * (np.abs(after).max() + np.abs(b).max())
+    np.testing.assert_allclose(fused, after, rtol=0, atol=tol)
+    ref = conv3d_reference(x, w, geom) + b.reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=(16 if name == "winograd" else 1) * tol)

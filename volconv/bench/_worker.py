@@ -139,7 +139,6 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from volconv import config
     from volconv.engine import (
-        add_channel_bias,
         channel_sums,
         conv3d_backward_input,
         conv3d_backward_weight,
@@ -153,9 +152,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 
     # what volconv.functional.conv3d does (without its Tensor bookkeeping)
     def forward() -> np.ndarray:
-        y = conv3d_forward(x, w6, geom)
-        add_channel_bias(y, b)
-        return y
+        return conv3d_forward(x, w6, geom, bias=b)
 
     def backward() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dx = conv3d_backward_input(dy, w6, geom)

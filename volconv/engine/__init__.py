@@ -166,12 +166,19 @@ def _hwunfold_fits(geom: ConvGeometry) -> bool:
     return hwunfold.supports(geom) and long_enough and geom.stride[0] == 1
 
 
-def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Forward convolution ``(N, C, D, H, W) -> (N, O, Do, Ho, Wo)``."""
-    if geom.N == 0 or geom.O == 0:
-        return np.zeros(geom.out_shape, dtype=x.dtype)
-    if geom.C == 0:
-        return np.zeros(geom.out_shape, dtype=x.dtype)
+def conv3d_forward(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """Forward convolution ``(N, C, D, H, W) -> (N, O, Do, Ho, Wo)``, plus ``bias[o]`` per
+    output channel when given (``(O,)``, x's dtype). Algorithms that declare
+    ``FUSED_BIAS`` add it while they write the output (the plane is in cache then: a
+    separate pass after a BLAS-heavy forward cost 5-7 ms on the first layers, whose
+    outputs are 100+ MB); for the others it is one pass after."""
+    if geom.N == 0 or geom.O == 0 or geom.C == 0:
+        y = np.zeros(geom.out_shape, dtype=x.dtype)
+        if bias is not None:
+            add_channel_bias(y, bias)
+        return y
     finite = None  # computed only if an algorithm that needs finite data comes up
 
     def allowed(name: str) -> bool:
@@ -184,13 +191,24 @@ def conv3d_forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarr
 
     if _autotune.active():
         names = [n for n in ALGORITHMS if _supports(n, geom) and reproducible(n) and allowed(n)]
-        return _autotune.run(
+        y = _autotune.run(
             "forward", geom, x.dtype, names, lambda n: ALGORITHMS[n].forward(x, w, geom)
         )
+        if bias is not None:
+            add_channel_bias(y, bias)
+        return y
     name = choose(geom, x.dtype)
     if not allowed(name):  # keep IEEE propagation of Inf/NaN exact
         name = _preferred_gemm(geom)
-    return ALGORITHMS[name].forward(x, w, geom)
+    algorithm = ALGORITHMS[name]
+    if bias is None:
+        return algorithm.forward(x, w, geom)
+    bias = np.ascontiguousarray(bias, dtype=x.dtype).reshape(geom.O)
+    if getattr(algorithm, "FUSED_BIAS", False):
+        return algorithm.forward(x, w, geom, bias=bias)
+    y = algorithm.forward(x, w, geom)
+    add_channel_bias(y, bias)
+    return y
 
 
 def _all_finite(a: np.ndarray) -> bool:

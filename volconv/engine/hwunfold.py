@@ -504,19 +504,27 @@ def _slab_plane(acc: np.ndarray, geom: ConvGeometry, slab: Slab, zi: int) -> np.
     return acc[zi].reshape(geom.O, slab.nb, *geom.spatial_out[1:])
 
 
-def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+#: The forward adds a bias itself (each output plane starts from it, in cache).
+FUSED_BIAS = True
+
+
+def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.ndarray:
     x = np.ascontiguousarray(x)
     w = w.astype(x.dtype, copy=False)
     out = np.empty(geom.out_shape, dtype=x.dtype)
+    column = None if bias is None else np.asarray(bias, dtype=x.dtype).reshape(-1, 1)
     if _tap_rows(geom):
-        _forward_tap_rows(x, w, geom, out)
+        _forward_tap_rows(x, w, geom, out, column)
     else:
-        _forward_tap_columns(x, w, geom, out)
+        _forward_tap_columns(x, w, geom, out, column)
     return out
 
 
-def _forward_tap_columns(x, w, geom: ConvGeometry, out) -> None:
-    """One GEMM per output plane over the window of its input planes (``K = kd*K2``)."""
+def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None) -> None:
+    """One GEMM per output plane over the window of its input planes (``K = kd*K2``);
+    a bias ``column (O, 1)`` is added to each plane right after its GEMMs (starting the
+    plane from it with ``beta = 1`` measured slower: the fill took the page faults on one
+    thread)."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, kh, kw = geom.kernel
     K2 = geom.C * kh * kw
@@ -532,6 +540,7 @@ def _forward_tap_columns(x, w, geom: ConvGeometry, out) -> None:
             else:
                 c_ptr, ldc = tmp.ctypes.data, P
             runs = _runs(geom, z)
+            plane = tmp if tmp is not None else out[slab.n0, :, z]  # (O, P) / (O, Ho, Wo)
             for i, (a0, a1, q) in enumerate(runs):
                 # Fortran: y_z^T (P x O) (+)= window^T (P x K) @ W'[:, a0:a1]^T (K x O)
                 gemm_f(
@@ -541,20 +550,21 @@ def _forward_tap_columns(x, w, geom: ConvGeometry, out) -> None:
                     c_ptr, ldc,
                     1.0 if i else 0.0,
                 )  # fmt: skip
+            if not runs:
+                plane[...] = 0
+            if column is not None:  # right after its GEMMs, while the plane is in cache
+                plane += column.reshape((O,) + (1,) * (plane.ndim - 1))
             if tmp is not None:
-                if not runs:
-                    tmp[...] = 0
                 _plane_major(out, slab, z)[...] = tmp.reshape(O, slab.nb, Ho, Wo)
-            elif not runs:
-                out[slab.n0, :, z] = 0
         del col, tmp  # free this slab's scratch before the next slab allocates its own
 
 
-def _forward_tap_rows(x, w, geom: ConvGeometry, out) -> None:
+def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
     """One GEMM per input plane, ``W'' (kd*O x K2)`` at once, accumulating the block of
     the output planes it feeds in a plane-major slab. Each input plane is unfolded just
-    before its GEMM; each output plane is zeroed just before its first GEMM and copied
-    out just after its last (all three while it is in cache)."""
+    before its GEMM; each output plane is zeroed (or set to the bias ``column (O, 1)``)
+    just before its first GEMM and copied out just after its last (all three while it is
+    in cache)."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, lo = geom.kernel[0], geom.pads[0][0]
     K2 = geom.C * geom.kernel[1] * geom.kernel[2]
@@ -568,7 +578,7 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out) -> None:
         for q in range(q0, q1):
             z0, z1, r0 = _row_block(geom, q, slab.d0, slab.d1)
             if z1 > z0:
-                acc[zeroed - slab.d0 : z1 - slab.d0] = 0
+                acc[zeroed - slab.d0 : z1 - slab.d0] = 0 if column is None else column
                 zeroed = max(zeroed, z1)
                 _unfold_into(col, x, geom, slab, q, interleaved=True)
                 # Fortran: acc[z0:z1]^T (P x rows) += col_q^T (P x K2) @ W''[r0:]^T (K2 x rows)
@@ -584,10 +594,16 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out) -> None:
                 if z < zeroed:
                     _plane_major(out, slab, z)[...] = _slab_plane(acc, geom, slab, z - slab.d0)
                 else:  # no input plane feeds it (all padding)
-                    out[slab.n0 : slab.n1, :, z] = 0
+                    _fill_plane(out, slab, z, column)
             done = max(done, last)
         for z in range(done, slab.d1):  # no input plane at all
-            out[slab.n0 : slab.n1, :, z] = 0
+            _fill_plane(out, slab, z, column)
+
+
+def _fill_plane(out: np.ndarray, slab: Slab, z: int, column) -> None:
+    """An output plane no input reaches: zeros, or the bias."""
+    planes = _plane_major(out, slab, z)  # (O, nb, Ho, Wo)
+    planes[...] = 0 if column is None else column.reshape(-1, 1, 1, 1)
 
 
 def _dy_plane(dy: np.ndarray, slab: Slab, z: int, buf):

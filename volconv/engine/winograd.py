@@ -806,10 +806,10 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compil
             _bt(mw, A3, izy * mw, 0, mw, L, V2, izy * aw, col, ntw * L)
 
 
-def _output_worker(task, ntasks, M, geo, r0, r1, o0, y):  # pragma: no cover - compiled
+def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias):  # pragma: no cover - compiled
     """Items of the output transform: ``y[:, o0 : o0 + L]`` on the tile rows
-    ``r0 <= r < r1`` from ``M (P, T, L)``; an item is ``twc`` tiles, all ``L`` output
-    channels being the vector lanes."""
+    ``r0 <= r < r1`` from ``M (P, T, L)``, plus ``bias[o]`` when ``bias`` is not empty;
+    an item is ``twc`` tiles, all ``L`` output channels being the vector lanes."""
     N, O, Do, Ho, Wo = y.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc, dd, dh, dw = geo
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
@@ -858,9 +858,15 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y):  # pragma: no cover - c
                     for kw in range(mw):
                         for k in range(L):
                             row[tw * mw + kw, k] = Y5[kz, ky, kw, tw, k]
-                for k in range(no):
-                    for q in range(nw):
-                        y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k]
+                if bias.shape[0] == 0:
+                    for k in range(no):
+                        for q in range(nw):
+                            y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k]
+                else:
+                    for k in range(no):
+                        b = bias[o0 + k]
+                        for q in range(nw):
+                            y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k] + b
 
 
 def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - compiled
@@ -975,7 +981,11 @@ _run = run_tasks  # see _numba_runtime.py
 # ------------------------------------------------------------------------- entry points
 
 
-def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+#: The forward adds a bias itself, in its output transform.
+FUSED_BIAS = True
+
+
+def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.ndarray:
     kernels = _kernels()
     nw = _threads()
     dtype = x.dtype
@@ -990,6 +1000,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin, *geom.dilation)
     geo_out = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tout, *geom.dilation)
     y = np.empty(geom.out_shape, dtype=dtype)
+    b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
     tb = rb * TW
     Ubuf = np.empty(P * Cp * ob, dtype=dtype)
     Vbuf = np.empty(P * tb * Cp, dtype=dtype)
@@ -1009,7 +1020,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
                 # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
                 # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
                 _gemms(np.matmul, split, nw, V, U, M)
-                _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y)
+                _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b)
     return y
 
 

@@ -137,11 +137,18 @@ def _bias_shape(b: Tensor, channels: int) -> tuple[int, ...]:
     )
 
 
+def _bias_vector(b: Tensor | None, channels: int, dtype) -> np.ndarray | None:
+    """The bias as ``(channels,)`` in the compute dtype (a single value repeated)."""
+    if b is None:
+        return None
+    per_channel = np.asarray(b._data, dtype=dtype).reshape(_bias_shape(b, channels))
+    return np.broadcast_to(per_channel, (1, channels, 1, 1, 1)).reshape(channels)
+
+
 def _finish(y: np.ndarray, b: Tensor | None, out_dtype: np.dtype, channels: int):
     """Add the bias in the compute dtype and round once to the output dtype."""
     if b is not None:
-        per_channel = np.asarray(b._data, dtype=y.dtype).reshape(_bias_shape(b, channels))
-        engine.add_channel_bias(y, np.broadcast_to(per_channel, (1, channels, 1, 1, 1)))
+        engine.add_channel_bias(y, _bias_vector(b, channels, y.dtype))
     return y.astype(out_dtype, copy=False)
 
 
@@ -257,8 +264,9 @@ def conv3d(
         xc = _padding.pad(xc, pads, mode)
     wc = _compute_array(w, cdt).reshape(w6)
     with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
-        y = engine.conv3d_forward(xc, wc, geom)
-    y = _finish(y, b, out_dtype, geom.O)
+        # the bias is added in the compute dtype (by the algorithm as it writes y)
+        y = engine.conv3d_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
+    y = _finish(y, None, out_dtype, geom.O)
     y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
 
     # The input gradient is skipped when nothing upstream needs it (a network's data).
