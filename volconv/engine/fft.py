@@ -127,6 +127,13 @@ FINITE_ONLY = True
 #: Every reduction has an order fixed by the geometry, the plan and the thread count.
 DETERMINISTIC = True
 
+#: Plans are made under this many bytes when they fit (else under the cap): the cost
+#: model does not see caches, and blocks planned for the whole 64 MiB cap ran slower.
+#: Measured on vnet_5x5x5 (same process, min of 7, three rounds), no target / 32 MiB:
+#: forward 47-49 / 41 ms, dx 50-52 / 44-45, dw 45-46 / 50; scratch 57 / 30 MiB, which
+#: brings its peak memory under PyTorch's (48 MiB above the inputs) in both passes.
+PLAN_TARGET_BYTES: int | None = 32 << 20
+
 #: Frequencies per work item of the channel-product kernels.
 FREQ_CHUNK = 128
 #: Rows ahead that the product kernels prefetch while copying a work item's inputs.
@@ -370,7 +377,8 @@ def _plan(
     if geom.G != 1 or geom.stride != (1, 1, 1):
         return None
     ext = tuple(dilated_extent(k, d) for k, d in zip(geom.kernel, geom.dilation, strict=True))
-    return _plan_cached(
+    budget = int(config.workspace_bytes) - int(reserve)
+    args = (
         kind,
         geom.N,
         geom.C,
@@ -380,9 +388,12 @@ def _plan(
         tuple(geom.kernel),
         int(itemsize),
         int(threads if threads is not None else _threads()),
-        int(config.workspace_bytes) - int(reserve),
-        numba_available(),
     )
+    if PLAN_TARGET_BYTES is not None and PLAN_TARGET_BYTES < budget:
+        plan = _plan_cached(*args, PLAN_TARGET_BYTES, numba_available())
+        if plan is not None:
+            return plan
+    return _plan_cached(*args, budget, numba_available())
 
 
 def _transposed(geom: ConvGeometry) -> ConvGeometry:
