@@ -155,8 +155,8 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
         return conv3d_forward(x, w6, geom, bias=b)
 
     def backward() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        dw = conv3d_backward_weight(x, dy, geom)  # in functional.conv3d's order
         dx = conv3d_backward_input(dy, w6, geom)
-        dw = conv3d_backward_weight(x, dy, geom)
         db = channel_sums(dy)
         return dx, dw, db
 
