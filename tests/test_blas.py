@@ -149,3 +149,37 @@ def test_channel_bias_and_sums_match_numpy(shape, dtype):
     ref = y.astype(np.float64).sum(axis=(0, 2, 3, 4))
     tol = 4 * np.finfo(dtype).eps * np.sqrt(y.size // shape[1]) * np.abs(y).sum(axis=(0, 2, 3, 4))
     assert np.all(np.abs(sums - ref) <= tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(300, 140, 37), (140, 300, 37), (130, 5, 9), (3, 4, 5)])
+def test_own_threads_split_gemms_match(shape, dtype):
+    """Under ``_blas.own_threads`` every GEMM of the calling thread is split in halves of
+    its longer side over the engine's threads (BLAS single-threaded): same products, for
+    each transpose of the raw ``gemm_f`` and for ``gemm_batch``; nested calls inside the
+    tasks do not split again; the thread counts come back afterwards."""
+    from volconv.engine import _blas
+
+    m, n, k = shape
+    rng = np.random.default_rng(m + n + k)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 8 * np.finfo(dtype).eps * k * max(1.0, float(np.abs(ref).max()))
+    before = [get() for _, get in _blas._openblas_controls()]
+    with _blas.own_threads():
+        for ta in (False, True):
+            for tb in (False, True):
+                # row-major C (m x n) = A @ B is Fortran C^T (n x m) = B^T A^T; a
+                # transposed operand is stored the other way round (op = T)
+                A = np.ascontiguousarray(a.T if ta else a)
+                B = np.ascontiguousarray(b.T if tb else b)
+                c = np.full((m, n), np.nan, dtype=dtype)
+                lda, ldb = A.shape[1], B.shape[1]
+                _blas.gemm_f(dtype, tb, ta, n, m, k, B.ctypes.data, ldb, A.ctypes.data, lda,
+                             c.ctypes.data, n, 0.0)  # fmt: skip
+                np.testing.assert_allclose(c, ref, rtol=0, atol=tol)
+        c3 = np.full((2, m, n), np.nan, dtype=dtype)
+        _blas.gemm_batch(np.stack([a, a]), np.stack([b, b]), c3)
+        np.testing.assert_allclose(c3, np.stack([ref, ref]), rtol=0, atol=tol)
+    assert [get() for _, get in _blas._openblas_controls()] == before

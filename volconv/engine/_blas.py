@@ -13,6 +13,7 @@ leading dimension ``ld``.
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -118,6 +119,9 @@ def gemm_f(
         )
     if m == 0 or n == 0:
         return
+    if _split_here() and max(m, n) >= SPLIT_MIN:
+        _split_gemm(dtype, trans_a, trans_b, m, n, k, a_ptr, lda, b_ptr, ldb, c_ptr, ldc, beta)
+        return
     fn, ctype, c_int = _GEMM[np.dtype(dtype)]
     fn(
         b"T" if trans_a else b"N",
@@ -134,6 +138,57 @@ def gemm_f(
         c_ptr,
         ctypes.byref(c_int(ldc)),
     )
+
+
+#: Whether the engine's entry points run under :func:`own_threads`.
+OWN_THREADS = True
+#: Smallest larger side of a GEMM that :func:`own_threads` splits over the threads.
+SPLIT_MIN = 128
+_split_local = threading.local()
+
+
+def _split_here() -> bool:
+    from ._numba_runtime import in_task
+
+    return getattr(_split_local, "on", False) and not in_task()
+
+
+@contextmanager
+def own_threads() -> Iterator[None]:
+    """Run the body with OpenBLAS at one thread and every :func:`gemm_f` of the calling
+    thread split in halves over the engine's threads: no OpenBLAS thread is ever woken,
+    so none is left spinning into the engine's own parallel work that follows."""
+    if not OWN_THREADS:
+        yield
+        return
+    with single_threaded_blas() as ok:
+        saved = getattr(_split_local, "on", False)
+        _split_local.on = ok
+        try:
+            yield
+        finally:
+            _split_local.on = saved
+
+
+def _split_gemm(dtype, trans_a, trans_b, m, n, k, a_ptr, lda, b_ptr, ldb, c_ptr, ldc, beta):
+    """:func:`gemm_f` in two halves of the longer side of ``C``, one per thread."""
+    from ._numba_runtime import engine_threads, run_tasks
+
+    isz = np.dtype(dtype).itemsize
+
+    def task(t: int, ntasks: int) -> None:
+        if n >= m:
+            n0, n1 = t * n // ntasks, (t + 1) * n // ntasks
+            b_off = n0 * isz if trans_b else n0 * ldb * isz
+            gemm_f(dtype, trans_a, trans_b, m, n1 - n0, k, a_ptr, lda, b_ptr + b_off, ldb,
+                   c_ptr + n0 * ldc * isz, ldc, beta)  # fmt: skip
+        else:
+            m0, m1 = t * m // ntasks, (t + 1) * m // ntasks
+            a_off = m0 * lda * isz if trans_a else m0 * isz
+            gemm_f(dtype, trans_a, trans_b, m1 - m0, n, k, a_ptr + a_off, lda, b_ptr, ldb,
+                   c_ptr + m0 * isz, ldc, beta)  # fmt: skip
+
+    run_tasks(task, engine_threads(), per_thread=1)
 
 
 def gemm_nt_acc(
@@ -180,6 +235,19 @@ def gemm_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -
     n = b.shape[2]
     if b.shape != (B, k, n) or c.shape != (B, m, n):
         raise ValueError(f"gemm_batch shapes do not chain: {a.shape} @ {b.shape} -> {c.shape}")
+    if _split_here() and max(m, n) >= SPLIT_MIN and k > 0:
+        from ._numba_runtime import engine_threads, run_tasks
+
+        def task(t: int, ntasks: int) -> None:
+            if n >= m:
+                part = slice(t * n // ntasks, (t + 1) * n // ntasks)
+                gemm_batch(a, b[:, :, part], c[:, :, part], beta)
+            else:
+                part = slice(t * m // ntasks, (t + 1) * m // ntasks)
+                gemm_batch(a[:, part], b, c[:, part], beta)
+
+        run_tasks(task, engine_threads(), per_thread=1)
+        return
     dtype = c.dtype
     if a.dtype != dtype or b.dtype != dtype:
         raise ValueError(f"gemm_batch dtypes differ: {a.dtype}, {b.dtype}, {c.dtype}")

@@ -56,15 +56,24 @@ TASKS_PER_THREAD = 4
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+#: ``in_task`` is True while this thread runs a task of :func:`run_tasks` (callers then
+#: do not split their work over the pool again).
+_local = threading.local()
 
 
-def run_tasks(kernel, nw: int, *args) -> None:
-    """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads."""
+def in_task() -> bool:
+    """Whether the calling thread is running a task of :func:`run_tasks`."""
+    return getattr(_local, "in_task", False)
+
+
+def run_tasks(kernel, nw: int, *args, per_thread: int = TASKS_PER_THREAD) -> None:
+    """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads (``per_thread``
+    tasks each)."""
     global _pool
     if nw <= 1:
         kernel(0, 1, *args)
         return
-    ntasks = nw * TASKS_PER_THREAD
+    ntasks = nw * per_thread
     with _pool_lock:
         if _pool is None or _pool._max_workers < nw - 1:
             _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv")
@@ -73,12 +82,17 @@ def run_tasks(kernel, nw: int, *args) -> None:
     lock = threading.Lock()
 
     def work() -> None:
-        while True:
-            with lock:
-                task = next(tasks, None)
-            if task is None:
-                return
-            kernel(task, ntasks, *args)
+        saved = in_task()
+        _local.in_task = True
+        try:
+            while True:
+                with lock:
+                    task = next(tasks, None)
+                if task is None:
+                    return
+                kernel(task, ntasks, *args)
+        finally:
+            _local.in_task = saved
 
     futures = [pool.submit(work) for _ in range(nw - 1)]
     try:
