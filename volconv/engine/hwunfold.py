@@ -174,20 +174,8 @@ def _padded_plane(geom: ConvGeometry) -> int:
     return ((Ho - 1) * sh + (kh - 1) * dh + 1) * ((Wo - 1) * sw + (kw - 1) * dw + 1)
 
 
-#: Slabs are planned under this many bytes (or the cap, if lower): glibc maps blocks
-#: above 32 MiB fresh from the kernel on every allocation (below, it reuses freed heap),
-#: and those page faults cost more than bigger slabs' longer GEMMs save. Measured
-#: (2 threads, same process, against the 64 MiB cap): strided_down_s2 dx 102-106 ->
-#: 83 ms; the stems, C3D conv1a/conv5a and U-Net enc1 unchanged within noise (24 MiB
-#: made the stems' dx and dw 5-10% slower).
-SLAB_TARGET_BYTES: int | None = 31 << 20
-
-
 def _slabs(geom: ConvGeometry, itemsize: int, rows: bool):
-    cap = config.workspace_bytes
-    if SLAB_TARGET_BYTES is not None:
-        cap = min(cap, SLAB_TARGET_BYTES)
-    return plan_slabs(geom, _cost(geom, itemsize, rows), cap)
+    return plan_slabs(geom, _cost(geom, itemsize, rows), config.workspace_bytes)
 
 
 def _runs(geom: ConvGeometry, z: int):
