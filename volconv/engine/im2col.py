@@ -15,6 +15,12 @@ with two OpenBLAS libraries in play (numpy's and SciPy's), alternating them in a
 training step (this weight gradient after the in-plane unfolding's input gradient) left
 one pool's threads spinning against the other's work: r2plus1d_spatial dx + dw measured
 216-249 ms in a row against 125-140 ms for the two apart.
+
+The forward and the weight gradient run under ``_blas.own_threads``: BLAS at one thread,
+each GEMM split in halves over the engine's threads, which also copy the unfolding. No
+OpenBLAS thread is then left spinning after a GEMM into the next slab's unfolding
+(strided_down_s2 forward 59-62 against 65-68 ms, weight gradient 59-60 against 62-70,
+same process).
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._blas import gemm_batch, single_threaded_blas
-from ._numba_runtime import engine_threads, run_tasks
+from ._blas import gemm_batch, own_threads
 from ._slabs import (
     Slab,
     copy_parallel,
@@ -92,39 +97,16 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     _, Ho, Wo = geom.spatial_out
     slabs = _slabs(geom, x.itemsize)
     buf = _col_buffer(geom, slabs, x.dtype)
-    with single_threaded_blas() as split:
+    with own_threads():  # see the module docstring
         for slab in slabs:
             col = _unfold(x, geom, slab, buf)
             res = np.empty((geom.G, geom.Og, col.shape[2]), dtype=x.dtype)
-            _gemm_split(split, w2, col, res)
+            gemm_batch(w2, col, res)
             del col
             res = res.reshape(geom.O, slab.nb, slab.dz, Ho, Wo).transpose(1, 0, 2, 3, 4)
             out[slab.n0 : slab.n1, :, slab.d0 : slab.d1] = res
             del res  # free this slab's scratch before the next slab allocates its own
     return out
-
-
-def _gemm_split(split: bool, a: np.ndarray, b: np.ndarray, c: np.ndarray, beta=0.0) -> None:
-    """``c = a @ b (+ beta c)`` batched over groups; when BLAS runs single-threaded
-    (``split``, see ``_blas.single_threaded_blas``) the longer side of ``c`` is divided
-    over the engine's threads. No OpenBLAS thread is then left spinning after the GEMM
-    into the next slab's unfolding, which runs on both cores (strided_down_s2 forward
-    59-62 against 65-68 ms, same process)."""
-    threads = engine_threads()
-    m, n = c.shape[1:]
-    if not split or threads < 2 or max(m, n) < 256:
-        gemm_batch(a, b, c, beta)
-        return
-
-    def task(t: int, ntasks: int) -> None:
-        if n >= m:
-            part = slice(t * n // ntasks, (t + 1) * n // ntasks)
-            gemm_batch(a, b[:, :, part], c[:, :, part], beta)
-        else:
-            part = slice(t * m // ntasks, (t + 1) * m // ntasks)
-            gemm_batch(a[:, part], b, c[:, part], beta)
-
-    run_tasks(task, threads)
 
 
 def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -134,10 +116,10 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     acc = np.zeros((geom.G, geom.Cg * geom.taps, geom.Og), dtype=x.dtype)
     slabs = _slabs(geom, x.itemsize)
     buf = _col_buffer(geom, slabs, x.dtype)
-    with single_threaded_blas() as split:
+    with own_threads():
         for slab in slabs:
             col = _unfold(x, geom, slab, buf)
-            _gemm_split(split, col, _dy_slab(dy, geom, slab).transpose(0, 2, 1), acc, 1.0)
+            gemm_batch(col, _dy_slab(dy, geom, slab).transpose(0, 2, 1), acc, beta=1.0)
             del col
     return np.ascontiguousarray(acc.transpose(0, 2, 1)).reshape(geom.w_shape)
 
