@@ -8,6 +8,12 @@ export ``scipy_sgemm_64_``, ILP64), else SciPy's through ``scipy.linalg.cython_b
 Every operand is described in Fortran (column-major) terms: a C-ordered
 ``(rows, cols)`` block with row stride ``ld`` is a Fortran ``(cols, rows)`` matrix with
 leading dimension ``ld``.
+
+Threads: OpenBLAS's idle threads spin for ~0.1 s after each multithreaded call, taking a
+core from whatever the engine runs on its own threads next. :func:`single_threaded_blas`
+sets BLAS to one thread for a block (callers then split their GEMM stacks themselves);
+:func:`own_threads` does that and also splits every :func:`gemm_f` / :func:`gemm_batch`
+of the calling thread in halves over the engine's threads (not again inside those tasks).
 """
 
 from __future__ import annotations
