@@ -270,8 +270,9 @@ MAX_TILE_WASTE = 2.0
 def tile_waste(geom: ConvGeometry) -> float:
     """Computed tile outputs per real output: ``prod(d * ceil(ceil(n/d)/m) * m / n)``."""
     waste = 1.0
-    for n, m, d in zip(geom.spatial_out, tile_sizes(geom), geom.dilation, strict=True):
-        waste *= d * _ceil(_ceil(n, d), m) * m / max(1, n)
+    axes = zip(geom.spatial_out, _phase_extents(geom), tile_sizes(geom), geom.dilation, strict=True)
+    for n, extent, m, d in axes:
+        waste *= d * _ceil(extent, m) * m / max(1, n)
     return waste
 
 
@@ -359,9 +360,29 @@ def _scratch_elems(ms, Cp: int, ob: int, tiles_in: int, tiles_out: int) -> tuple
     rd, rh, rw = _kernel_taps(ms)
     mh, mw = ms[1], ms[2]
     wgt = (rd * rh * rw + 2 * (ad * rh * rw + ad * ah * rw + aw)) * ob
-    inp = 2 * ad * ah * mw * (tiles_in + 1) * Cp
+    inp = _input_scratch_elems(ms, Cp, tiles_in)
     out = (ad * ah * mw + ad * mh * mw + mw) * tiles_out * ob
     return wgt, inp, out
+
+
+def _input_scratch_elems(ms, Cp: int, tiles: int) -> int:
+    """Elements of one thread's input-transform scratch for ``tiles`` W tiles (two
+    buffers of the window, one tile more than the item: the halo)."""
+    ad, ah = _points(ms)[:2]
+    return 2 * ad * ah * ms[2] * (tiles + 1) * Cp
+
+
+def _input_tiles(ms, Cp: int, TW: int, itemsize: int) -> int:
+    """W tiles per input-transform item: as many as keep its scratch near SCRATCH_TARGET."""
+    per_tile = _input_scratch_elems(ms, Cp, 0)
+    return max(1, min(TW, SCRATCH_TARGET // (itemsize * per_tile) - 1))
+
+
+def _block_rows(rows: int, TW: int, room: int, per_row: int, target: int) -> int:
+    """Tile rows per block: near ``target`` bytes and within ``room``, but at least
+    MIN_BLOCK_TILES tiles where the room allows."""
+    rb = min(rows, room // per_row, max(1, target // per_row))
+    return int(max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row)))
 
 
 def _tiling(geom: ConvGeometry, itemsize: int):
@@ -398,17 +419,16 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int):
         return None
     ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
     cap = config.workspace_bytes
-    wgt, inp, out = _scratch_elems(ms, Cp, ob, 1, 1)
-    tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp // 2) - 1))
+    out = _scratch_elems(ms, Cp, ob, 1, 1)[2]
+    tin = _input_tiles(ms, Cp, TW, itemsize)
     tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * out)))
     scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
     room = cap - scratch - P * Cp * ob * itemsize
     per_row = P * (Cp + ob) * TW * itemsize
     if room < per_row:
         return None
-    rb = min(rows, room // per_row, max(1, BLOCK_TARGET_BYTES // per_row))
-    rb = max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row))
-    return ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, int(rb)
+    rb = _block_rows(rows, TW, room, per_row, BLOCK_TARGET_BYTES)
+    return ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, rb
 
 
 def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
@@ -440,19 +460,17 @@ def _plan_weight(geom: ConvGeometry, itemsize: int, threads: int):
     if common is None:
         return None
     ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
-    ad, ah = _points(ms)[:2]
     cap = config.workspace_bytes
-    inp = 2 * ad * ah * ms[2] * Cp  # per input tile (+1), as in _scratch_elems
-    tin = max(1, min(TW, SCRATCH_TARGET // (itemsize * inp) - 1))
+    tin = _input_tiles(ms, Cp, TW, itemsize)
     tgr = max(1, min(TW, SCRATCH_TARGET // (itemsize * _grad_scratch_elems(ms, ob, 1))))
-    scratch = threads * itemsize * max(inp * (tin + 1), _grad_scratch_elems(ms, ob, tgr))
+    inp = _input_scratch_elems(ms, Cp, tin)
+    scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
     room = cap - scratch - P * Cp * ob * itemsize
     per_row = P * (Cp + ob) * TW * itemsize
     if room < per_row or _finish_bytes(ms, ob, threads) > cap - P * Cp * ob * itemsize:
         return None
-    rb = min(rows, room // per_row, max(1, WEIGHT_BLOCK_TARGET_BYTES // per_row))
-    rb = max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row))
-    return ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, int(rb)
+    rb = _block_rows(rows, TW, room, per_row, WEIGHT_BLOCK_TARGET_BYTES)
+    return ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, rb
 
 
 def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
@@ -463,7 +481,7 @@ def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) 
     ms, grid, (tin, tgr), rows, Cp, Op, ob, rb = plan
     P = int(np.prod(_points(ms)))
     mw = P * Cp * ob * itemsize
-    inp = 2 * int(np.prod(_points(ms)[:2])) * ms[2] * Cp * (tin + 1)
+    inp = _input_scratch_elems(ms, Cp, tin)
     scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
     blocks = scratch + itemsize * P * rb * grid[2] * (Cp + ob)
     return mw + max(blocks, _finish_bytes(ms, ob, threads))
