@@ -146,8 +146,6 @@ def gemm_f(
     )
 
 
-#: Whether the engine's entry points run under :func:`own_threads`.
-OWN_THREADS = True
 #: Smallest larger side of a GEMM that :func:`own_threads` splits over the threads.
 SPLIT_MIN = 128
 _split_local = threading.local()
@@ -164,9 +162,6 @@ def own_threads() -> Iterator[None]:
     """Run the body with OpenBLAS at one thread and every :func:`gemm_f` of the calling
     thread split in halves over the engine's threads: no OpenBLAS thread is ever woken,
     so none is left spinning into the engine's own parallel work that follows."""
-    if not OWN_THREADS:
-        yield
-        return
     with single_threaded_blas() as ok:
         saved = getattr(_split_local, "on", False)
         _split_local.on = ok
