@@ -235,3 +235,30 @@ def test_each_algorithm_alone_under_threads(name, algorithm):
     for (_, k), got in out.items():
         for g, s in zip(got, serial[k], strict=True):
             assert np.array_equal(g, s), usable[k][0]
+
+
+def test_compile_once_builds_once_under_concurrent_first_calls():
+    """The algorithms' ``_kernels()`` rebind module globals when they build: two first
+    calls at once must run the build once and both get its result."""
+    import threading
+    import time
+
+    from volconv.engine._numba_runtime import compile_once
+
+    builds = []
+
+    @compile_once
+    def kernels():
+        builds.append(1)
+        time.sleep(0.05)  # a slow build: the second caller arrives while it runs
+        return {"built": len(builds)}
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(kernels())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == [1]
+    assert all(r is results[0] for r in results) and results[0] == {"built": 1}
+    assert kernels.__name__ == "kernels"

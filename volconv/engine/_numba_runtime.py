@@ -1,5 +1,8 @@
-"""Shared runtime of the numba kernels (depthwise, Winograd): the availability probe
-and the engine's one parallel-for.
+"""Shared runtime of the numba kernels (depthwise, Winograd, FFT, the in-plane unfolding):
+the availability probe, compile-once, the engine's thread count and its one parallel-for.
+
+``compile_once`` wraps each algorithm's ``_kernels()`` (import numba, wrap the kernels)
+so that it runs once per process, under a lock.
 
 ``numba_available()`` imports numba on the first call that needs it, not at import of
 volconv (``import numba`` alone takes ~0.4 s); a numba too old for the installed numpy
@@ -19,6 +22,7 @@ the GEMMs, and safe to call from several Python threads at once.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +41,23 @@ def numba_available() -> bool:
         else:
             _HAVE_NUMBA = True
     return _HAVE_NUMBA
+
+
+def compile_once(build):
+    """Decorator: ``build()`` (import numba, wrap the kernels) runs once per process and
+    its result is kept; two first calls at once wait for one build (the builds rebind
+    module globals, which must not happen twice)."""
+    lock = threading.Lock()
+    built: list = []
+
+    @functools.wraps(build)
+    def kernels():
+        with lock:
+            if not built:
+                built.append(build())
+        return built[0]
+
+    return kernels
 
 
 def engine_threads() -> int:

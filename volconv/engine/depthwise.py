@@ -52,13 +52,12 @@ to load from the cache afterwards), on the first call only; without numba
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._numba_runtime import numba_available, run_tasks
+from ._numba_runtime import compile_once, numba_available, run_tasks
 
 NAME = "depthwise"
 
@@ -73,10 +72,6 @@ _BUFFER_TARGET = 512 << 10
 _ACC_TARGET = 16 << 10
 #: Target bytes of the weight-gradient accumulators of one item (L2).
 _DW_ACC_TARGET = 256 << 10
-
-#: The compiled kernels, built on first use (see :func:`_kernels`).
-_jitted: dict | None = None
-_jit_lock = threading.Lock()
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -383,18 +378,10 @@ def _backward_input_worker(worker, nw, dy, w, dx, offs, geo, bufsize):  # pragma
             _scatter_add(dx, n, g * Cg, Cg, z0 * sd - pdl, geo, buf)
 
 
+@compile_once
 def _kernels() -> dict:
-    """Import numba and compile (or load from cache) the kernels, once per process."""
-    global _jitted
-    with _jit_lock:  # two first calls at once must not wrap the helpers twice
-        if _jitted is None:
-            _jitted = _wrap()
-    return _jitted
-
-
-def _wrap() -> dict:
-    """Wrap every kernel in ``numba.njit``; they compile (or load from the cache) on
-    their first call."""
+    """Wrap every kernel in ``numba.njit``, once per process; they compile (or load from
+    numba's cache) on their first call."""
     import numba
 
     # fastmath off: no reassociation, so every sum keeps the order written here.

@@ -112,7 +112,7 @@ import scipy.fft
 from .. import config
 from ._args import ConvGeometry, dilated_extent
 from ._blas import gemm_f, single_threaded_blas
-from ._numba_runtime import engine_threads, numba_available, run_tasks
+from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
 
 try:  # SciPy's pocketfft binding: transforms into given arrays, along chosen axes
     from scipy.fft._pocketfft import pypocketfft as _pocketfft
@@ -750,8 +750,6 @@ def _weight_product(task, ntasks, DW, DY, X, B, nd, O, C, M):  # pragma: no cove
                         m = 0
 
 
-_jitted: dict | None = None
-_jit_lock = threading.Lock()
 _prefetch = None  # the kernels' prefetch (``_prefetch(array, index)``), set by _kernels
 
 
@@ -784,29 +782,25 @@ def _prefetch_intrinsic():
 def _kernels() -> dict | None:
     """The compiled kernels (compiled or loaded from numba's cache once per process), or
     None without numba."""
-    global _jitted
-    if not numba_available():
-        return None
-    with _jit_lock:
-        if _jitted is None:
-            import numba
+    return _compiled() if numba_available() else None
 
-            global _prefetch
-            _prefetch = _prefetch_intrinsic()
 
-            # Contraction into FMAs only: no reassociation, each output's arithmetic
-            # fixed by the arguments (bitwise reproducible).
-            # Compiled eagerly for both dtypes: the first call of any pass compiles (or
-            # loads) everything, so later passes allocate nothing for numba.
-            flat = "{0}[::1]"
-            sig = f"void(int64, int64, {flat}, {flat}, {flat}, int64, int64, int64, int64, int64)"
-            sigs = [sig.format(t) for t in ("float32", "float64")]
-            jit = numba.njit(sigs, nogil=True, fastmath={"contract"}, cache=True)
-            _jitted = {
-                "forward": jit(_forward_product),
-                "weight": jit(_weight_product),
-            }
-    return _jitted
+@compile_once
+def _compiled() -> dict:
+    import numba
+
+    global _prefetch
+    _prefetch = _prefetch_intrinsic()
+
+    # Contraction into FMAs only: no reassociation, each output's arithmetic fixed by the
+    # arguments (bitwise reproducible). Compiled eagerly for both dtypes: the first call
+    # of any pass compiles (or loads) everything, so later passes allocate nothing for
+    # numba.
+    flat = "{0}[::1]"
+    sig = f"void(int64, int64, {flat}, {flat}, {flat}, int64, int64, int64, int64, int64)"
+    sigs = [sig.format(t) for t in ("float32", "float64")]
+    jit = numba.njit(sigs, nogil=True, fastmath={"contract"}, cache=True)
+    return {"forward": jit(_forward_product), "weight": jit(_weight_product)}
 
 
 def _product(Wp: np.ndarray, X: np.ndarray, Y: np.ndarray, nw: int) -> None:

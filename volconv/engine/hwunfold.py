@@ -64,15 +64,13 @@ dw 129 -> 73; dw of vnet_5x5x5 293 -> 117, unet3d_enc2 249 -> 167, unet3d_deep 7
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from .. import config
 from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f
-from ._numba_runtime import numba_available, run_tasks
+from ._numba_runtime import compile_once, numba_available, run_tasks
 from ._slabs import Slab, gather_block, plan_slabs, scatter_block_add
 
 NAME = "hwunfold"
@@ -350,25 +348,14 @@ def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover 
                             d[j * sw] += t[j]
 
 
-_jitted: dict | None = None
-_jit_lock = threading.Lock()
-
-
+@compile_once
 def _kernels() -> dict:
     """Compile (or load from numba's cache) the kernels, once per process."""
-    global _jitted
-    with _jit_lock:
-        if _jitted is None:
-            import numba
+    import numba
 
-            # fastmath off: the col2im sums keep the order written here.
-            jit = numba.njit(cache=True, fastmath=False, nogil=True)
-            _jitted = {
-                "numba": numba,
-                "unfold": jit(_unfold_worker),
-                "fold": jit(_fold_worker),
-            }
-    return _jitted
+    # fastmath off: the col2im sums keep the order written here.
+    jit = numba.njit(cache=True, fastmath=False, nogil=True)
+    return {"numba": numba, "unfold": jit(_unfold_worker), "fold": jit(_fold_worker)}
 
 
 def _band(rows: int, planes: int, nw: int) -> int:

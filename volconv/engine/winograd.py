@@ -153,14 +153,12 @@ recomputed by the GEMM family, whose Inf/NaN propagation is exact; checking the 
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
 from ._blas import gemm_batch, single_threaded_blas
-from ._numba_runtime import numba_available, run_tasks
+from ._numba_runtime import compile_once, numba_available, run_tasks
 
 NAME = "winograd"
 #: The transforms mix every sample of a tile, so one Inf/NaN would spread to the whole
@@ -952,45 +950,28 @@ def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - c
             _a(mw, R3, izy * mw, 0, DY2, izy * aw, col, ntw * L)
 
 
-_jitted: dict | None = None
-_jit_lock = threading.Lock()
-
-
+@compile_once
 def _kernels() -> dict:
     """Import numba and compile (or load from the cache) the kernels, once per process."""
-    global _jitted
-    with _jit_lock:
-        if _jitted is None:
-            import numba
+    import numba
 
-            # Contraction into FMAs only: no reassociation, NaN/inf semantics kept; each
-            # output's arithmetic is fixed by the geometry (bitwise reproducible).
-            fm = {"contract"}
-            module = globals()
-            inline = numba.njit(inline="always", fastmath=fm, cache=True)
-            for name in (
-                "_alpha",
-                "_taps",
-                "_split_row",
-                "_bt4",
-                "_bt2",
-                "_bt",
-                "_at",
-                "_a",
-                "_g",
-                "_gt",
-            ):
-                module[name] = inline(module[name])
-            jit = numba.njit(nogil=True, fastmath=fm, cache=True)
-            _jitted = {
-                "numba": numba,
-                "weight": jit(_weight_worker),
-                "input": jit(_input_worker),
-                "output": jit(_output_worker),
-                "grad": jit(_grad_worker),
-                "weight_out": jit(_weight_out_worker),
-            }
-    return _jitted
+    # Contraction into FMAs only: no reassociation, NaN/inf semantics kept; each output's
+    # arithmetic is fixed by the geometry (bitwise reproducible).
+    fm = {"contract"}
+    module = globals()
+    inline = numba.njit(inline="always", fastmath=fm, cache=True)
+    helpers = ("_alpha", "_taps", "_split_row", "_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt")
+    for name in helpers:
+        module[name] = inline(module[name])
+    jit = numba.njit(nogil=True, fastmath=fm, cache=True)
+    return {
+        "numba": numba,
+        "weight": jit(_weight_worker),
+        "input": jit(_input_worker),
+        "output": jit(_output_worker),
+        "grad": jit(_grad_worker),
+        "weight_out": jit(_weight_out_worker),
+    }
 
 
 _run = run_tasks  # see _numba_runtime.py
