@@ -262,3 +262,24 @@ def test_compile_once_builds_once_under_concurrent_first_calls():
     assert builds == [1]
     assert all(r is results[0] for r in results) and results[0] == {"built": 1}
     assert kernels.__name__ == "kernels"
+
+
+@pytest.mark.parametrize(
+    ("n", "nw", "per_thread"), [(0, 2, 4), (1, 2, 4), (7, 2, 4), (100, 2, 1), (5, 1, 4)]
+)
+def test_run_shares_covers_the_range_once(n, nw, per_thread):
+    """``run_shares`` hands out contiguous, non-empty, disjoint shares covering range(n)."""
+    import threading
+
+    from volconv.engine._numba_runtime import run_shares
+
+    seen, lock = [], threading.Lock()
+
+    def share(lo, hi):
+        assert hi > lo
+        with lock:
+            seen.append((lo, hi))
+
+    run_shares(share, n, nw, per_thread=per_thread)
+    assert sorted(i for lo, hi in seen for i in range(lo, hi)) == list(range(n))
+    assert len(seen) <= max(1, nw * per_thread)

@@ -46,7 +46,7 @@ import numpy as np
 from .. import config
 from . import _autotune, _blas, depthwise, fft, hwunfold, im2col, pointwise, tapgemm, winograd
 from ._args import ConvGeometry, conv_geometry, dilated_extent
-from ._numba_runtime import engine_threads, run_tasks
+from ._numba_runtime import engine_threads, run_shares
 
 ALGORITHMS = {
     im2col.NAME: im2col,
@@ -335,11 +335,10 @@ def add_channel_bias(y: np.ndarray, bias: np.ndarray) -> None:
         y += column
         return
 
-    def task(t: int, ntasks: int) -> None:
-        part = slice(t * O // ntasks, (t + 1) * O // ntasks)
-        y[:, part] += column[part]
+    def share(lo: int, hi: int) -> None:
+        y[:, lo:hi] += column[lo:hi]
 
-    run_tasks(task, engine_threads())
+    run_shares(share, O, engine_threads())
 
 
 def channel_sums(g: np.ndarray) -> np.ndarray:
@@ -353,9 +352,9 @@ def channel_sums(g: np.ndarray) -> np.ndarray:
         return g.sum(axis=(0, 2, 3, 4), dtype=g.dtype)
     out = np.empty(O, dtype=g.dtype)
 
-    def task(t: int, ntasks: int) -> None:
-        for o in range(t * O // ntasks, (t + 1) * O // ntasks):
+    def share(lo: int, hi: int) -> None:
+        for o in range(lo, hi):
             out[o] = g[:, o].sum(dtype=g.dtype)
 
-    run_tasks(task, engine_threads())
+    run_shares(share, O, engine_threads())
     return out

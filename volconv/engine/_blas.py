@@ -173,23 +173,24 @@ def own_threads() -> Iterator[None]:
 
 def _split_gemm(dtype, trans_a, trans_b, m, n, k, a_ptr, lda, b_ptr, ldb, c_ptr, ldc, beta):
     """:func:`gemm_f` in two halves of the longer side of ``C``, one per thread."""
-    from ._numba_runtime import engine_threads, run_tasks
+    from ._numba_runtime import engine_threads, run_shares
 
     isz = np.dtype(dtype).itemsize
 
-    def task(t: int, ntasks: int) -> None:
-        if n >= m:
-            n0, n1 = t * n // ntasks, (t + 1) * n // ntasks
-            b_off = n0 * isz if trans_b else n0 * ldb * isz
-            gemm_f(dtype, trans_a, trans_b, m, n1 - n0, k, a_ptr, lda, b_ptr + b_off, ldb,
-                   c_ptr + n0 * ldc * isz, ldc, beta)  # fmt: skip
-        else:
-            m0, m1 = t * m // ntasks, (t + 1) * m // ntasks
-            a_off = m0 * lda * isz if trans_a else m0 * isz
-            gemm_f(dtype, trans_a, trans_b, m1 - m0, n, k, a_ptr + a_off, lda, b_ptr, ldb,
-                   c_ptr + m0 * isz, ldc, beta)  # fmt: skip
+    def columns(n0: int, n1: int) -> None:
+        b_off = n0 * isz if trans_b else n0 * ldb * isz
+        gemm_f(dtype, trans_a, trans_b, m, n1 - n0, k, a_ptr, lda, b_ptr + b_off, ldb,
+               c_ptr + n0 * ldc * isz, ldc, beta)  # fmt: skip
 
-    run_tasks(task, engine_threads(), per_thread=1)
+    def rows(m0: int, m1: int) -> None:
+        a_off = m0 * lda * isz if trans_a else m0 * isz
+        gemm_f(dtype, trans_a, trans_b, m1 - m0, n, k, a_ptr + a_off, lda, b_ptr, ldb,
+               c_ptr + m0 * isz, ldc, beta)  # fmt: skip
+
+    if n >= m:
+        run_shares(columns, n, engine_threads(), per_thread=1)
+    else:
+        run_shares(rows, m, engine_threads(), per_thread=1)
 
 
 def gemm_nt_acc(
@@ -237,17 +238,15 @@ def gemm_batch(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 0.0) -
     if b.shape != (B, k, n) or c.shape != (B, m, n):
         raise ValueError(f"gemm_batch shapes do not chain: {a.shape} @ {b.shape} -> {c.shape}")
     if _split_here() and max(m, n) >= SPLIT_MIN and k > 0:
-        from ._numba_runtime import engine_threads, run_tasks
+        from ._numba_runtime import engine_threads, run_shares
 
-        def task(t: int, ntasks: int) -> None:
+        def share(lo: int, hi: int) -> None:  # columns of c, or rows where it is taller
             if n >= m:
-                part = slice(t * n // ntasks, (t + 1) * n // ntasks)
-                gemm_batch(a, b[:, :, part], c[:, :, part], beta)
+                gemm_batch(a, b[:, :, lo:hi], c[:, :, lo:hi], beta)
             else:
-                part = slice(t * m // ntasks, (t + 1) * m // ntasks)
-                gemm_batch(a[:, part], b, c[:, part], beta)
+                gemm_batch(a[:, lo:hi], b, c[:, lo:hi], beta)
 
-        run_tasks(task, engine_threads(), per_thread=1)
+        run_shares(share, max(m, n), engine_threads(), per_thread=1)
         return
     dtype = c.dtype
     if a.dtype != dtype or b.dtype != dtype:

@@ -87,6 +87,18 @@ def in_task() -> bool:
     return getattr(_local, "in_task", False)
 
 
+def run_shares(fn, n: int, nw: int, per_thread: int = TASKS_PER_THREAD) -> None:
+    """``fn(lo, hi)`` for each non-empty contiguous share ``[lo, hi)`` of ``range(n)``, on
+    ``nw`` threads: ``nw * per_thread`` shares, set by ``n`` and the counts alone."""
+
+    def task(t: int, ntasks: int) -> None:
+        lo, hi = t * n // ntasks, (t + 1) * n // ntasks
+        if hi > lo:
+            fn(lo, hi)
+
+    run_tasks(task, nw, per_thread=per_thread)
+
+
 def run_tasks(kernel, nw: int, *args, per_thread: int = TASKS_PER_THREAD) -> None:
     """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads (``per_thread``
     tasks each)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._args import ConvGeometry, dilated_extent
 from ._memory import check_allocation
-from ._numba_runtime import engine_threads, run_tasks
+from ._numba_runtime import engine_threads, run_shares
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,11 @@ def copy_parallel(dst: np.ndarray, src: np.ndarray, axis: int = 0) -> None:
         np.copyto(dst, src)
         return
 
-    def task(t: int, ntasks: int) -> None:
-        part = (slice(None),) * axis + (slice(t * n // ntasks, (t + 1) * n // ntasks),)
+    def share(lo: int, hi: int) -> None:
+        part = (slice(None),) * axis + (slice(lo, hi),)
         np.copyto(dst[part], src[part])
 
-    run_tasks(task, threads)
+    run_shares(share, n, threads)
 
 
 def tap_windows(block: np.ndarray, geom: ConvGeometry, dz: int) -> np.ndarray:

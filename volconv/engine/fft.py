@@ -112,7 +112,7 @@ import scipy.fft
 from .. import config
 from ._args import ConvGeometry, dilated_extent
 from ._blas import gemm_f, single_threaded_blas
-from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
+from ._numba_runtime import compile_once, engine_threads, numba_available, run_shares, run_tasks
 
 try:  # SciPy's pocketfft binding: transforms into given arrays, along chosen axes
     from scipy.fft._pocketfft import pypocketfft as _pocketfft
@@ -1046,10 +1046,7 @@ def _each_block(fn, count: int, nw: int, shape, dtype) -> None:
     and no result depends on which thread ran it)."""
     scratch = _Scratch(shape, dtype)
 
-    def task(t: int, ntasks: int) -> None:
-        lo, hi = t * count // ntasks, (t + 1) * count // ntasks
-        if lo == hi:
-            return
+    def share(lo: int, hi: int) -> None:
         buf = scratch.get()
         try:
             for i in range(lo, hi):
@@ -1057,7 +1054,7 @@ def _each_block(fn, count: int, nw: int, shape, dtype) -> None:
         finally:
             scratch.put(buf)
 
-    run_tasks(task, min(nw, count))
+    run_shares(share, count, min(nw, count))
 
 
 def _rfft3(a: np.ndarray, out: np.ndarray) -> None:

@@ -158,7 +158,7 @@ import numpy as np
 from .. import config
 from ._args import ConvGeometry
 from ._blas import gemm_batch, single_threaded_blas
-from ._numba_runtime import compile_once, numba_available, run_tasks
+from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 
 NAME = "winograd"
 #: The transforms mix every sample of a tile, so one Inf/NaN would spread to the whole
@@ -1023,17 +1023,6 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
     return y
 
 
-def _matmul_task(task: int, ntasks: int, mm, V, U, M, beta: float) -> None:
-    """Task ``task`` of ``ntasks`` of :func:`_gemms`: its contiguous share of ``p``."""
-    P = V.shape[0]
-    p0, p1 = task * P // ntasks, (task + 1) * P // ntasks
-    if p1 > p0:
-        if beta:
-            mm(V[p0:p1], U[p0:p1], M[p0:p1], beta=beta)
-        else:
-            mm(V[p0:p1], U[p0:p1], out=M[p0:p1])
-
-
 def _gemms(mm, split: bool, nw: int, V, U, M, beta: float = 0.0) -> None:
     """``M[p] = V[p] @ U[p] (+ beta M[p])`` for every ``p`` by ``mm`` (``np.matmul``, or
     ``_blas.gemm_batch`` with ``beta``). With ``split`` (BLAS single-threaded, see
@@ -1041,10 +1030,14 @@ def _gemms(mm, split: bool, nw: int, V, U, M, beta: float = 0.0) -> None:
     OpenBLAS thread is left spinning into the next transform, and each product is
     computed by one thread whichever runs it (measured: C3D conv3a forward 68 vs 80 ms
     with BLAS's own two threads, U-Net 16^3 48 vs 61)."""
-    if split and nw > 1:
-        _run(_matmul_task, nw, mm, V, U, M, beta)
-    else:
-        _matmul_task(0, 1, mm, V, U, M, beta)
+
+    def share(p0: int, p1: int) -> None:
+        if beta:
+            mm(V[p0:p1], U[p0:p1], M[p0:p1], beta=beta)
+        else:
+            mm(V[p0:p1], U[p0:p1], out=M[p0:p1])
+
+    run_shares(share, V.shape[0], nw if split else 1)
 
 
 def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
