@@ -275,7 +275,7 @@ def conv3d(
     with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
         # the bias is added in the compute dtype (by the algorithm as it writes y)
         y = engine.conv3d_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
-    y = _finish(y, None, out_dtype, geom.O)
+    y = y.astype(out_dtype, copy=False)  # rounded once to the output dtype
     y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
 
     # The input gradient is skipped when nothing upstream needs it (a network's data).
