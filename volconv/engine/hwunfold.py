@@ -231,7 +231,10 @@ def _unfold_worker(task, ntasks, x, col, n0, q0, geo, band):  # pragma: no cover
     """``col[qi, (c, b, e), (n, h, w)] = x[n0 + n, c, q0 + qi, h*sh + b*dh - loh,
     w*sw + e*dw - low]`` (zero in the padding). A step is a band of ``band`` output rows
     of one ``(plane, item, c)``: it fills the polyphase buffer of the input rows they
-    read, then copies each tap's unit-stride runs (one per output row)."""
+    read, then copies each tap's unit-stride runs (one per output row). Steps run the
+    items fastest: a column row's segments of consecutive items are then written one
+    after another (c3d_conv5a's 7x7 planes: 5.5 -> 3.3 ms a plane), not in 16 visits of
+    196 bytes each."""
     C, H, W, kh, kw, sh, sw, dh, dw, loh, low, Ho, Wo, nb = (
         geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6],
         geo[7], geo[8], geo[9], geo[10], geo[11], geo[12], geo[13],
@@ -244,36 +247,37 @@ def _unfold_worker(task, ntasks, x, col, n0, q0, geo, band):  # pragma: no cover
     nbands = (Ho + band - 1) // band
     for item in range(task, nq * nb * C * nbands, ntasks):
         r = item % nbands
-        c = (item // nbands) % C
-        n = (item // (nbands * C)) % nb
+        n = (item // nbands) % nb
+        c = (item // (nbands * nb)) % C
         qi = item // (nbands * C * nb)
         src = x[n0 + n, c, q0 + qi]
         h0 = r * band
         hb = min(Ho, h0 + band) - h0
         for ph in range(sh):
-            for i in range(hb + ohm):
-                iy = (h0 + i) * sh + ph - loh
-                for pw in range(sw):
-                    dst = buf[ph, pw, i * Wq : (i + 1) * Wq]
-                    if iy < 0 or iy >= H:
-                        for j in range(Wq):
-                            dst[j] = 0
+            for pw in range(sw):
+                j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
+                j1 = j0
+                if W - 1 + low - pw >= 0:
+                    j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+                bp = buf[ph, pw]
+                for i in range(hb + ohm):
+                    iy = (h0 + i) * sh + ph - loh
+                    dst = bp[i * Wq : (i + 1) * Wq]
+                    # j with 0 <= j*sw + pw - low < W: columns j0*sw + pw - low, then
+                    # every sw-th
+                    if iy < 0 or iy >= H or j1 <= j0:
+                        dst[:] = 0
                         continue
-                    # j with 0 <= j*sw + pw - low < W
-                    j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
-                    j1 = j0
-                    if W - 1 + low - pw >= 0:
-                        j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
-                    for j in range(j0):
-                        dst[j] = 0
-                    if j1 > j0:
-                        # columns j0*sw + pw - low, then every sw-th
-                        srow = src[iy, j0 * sw + pw - low :]
-                        part = dst[j0:j1]
+                    dst[:j0] = 0
+                    dst[j1:] = 0
+                    part = dst[j0:j1]
+                    srow = src[iy, j0 * sw + pw - low :]
+                    if sw == 1:  # (a unit stride the compiler knows vectorises)
+                        for j in range(j1 - j0):
+                            part[j] = srow[j]
+                    else:
                         for j in range(j1 - j0):
                             part[j] = srow[j * sw]
-                    for j in range(j1, Wq):
-                        dst[j] = 0
         for b in range(kh):
             ph = (b * dh) % sh
             oh = (b * dh) // sh
@@ -292,7 +296,8 @@ def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover 
     """The adjoint of :func:`_unfold_worker`: ``dx[n0 + n, c,
     q0 + qi] +=`` every column entry that came from it. A step owns a band of ``band``
     phase rows (every phase) of one ``dx`` plane: it sums their entries in a polyphase
-    buffer, taps ``(b, e)`` in order, then adds the buffer into ``dx``."""
+    buffer, taps ``(b, e)`` in order, then adds the buffer into ``dx``. Items run
+    fastest, as in the unfolding."""
     C, H, W, kh, kw, sh, sw, dh, dw, loh, low, Ho, Wo, nb = (
         geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6],
         geo[7], geo[8], geo[9], geo[10], geo[11], geo[12], geo[13],
@@ -304,8 +309,8 @@ def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover 
     nbands = (Hq + band - 1) // band
     for item in range(task, nq * nb * C * nbands, ntasks):
         r = item % nbands
-        c = (item // nbands) % C
-        n = (item // (nbands * C)) % nb
+        n = (item // nbands) % nb
+        c = (item // (nbands * nb)) % C
         qi = item // (nbands * C * nb)
         i0 = r * band
         ib = min(Hq, i0 + band) - i0
@@ -344,8 +349,12 @@ def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover 
                     if j1 > j0:
                         d = dst[iy, j0 * sw + pw - low :]
                         t = buf[ph, pw, i * Wq + j0 : i * Wq + j1]
-                        for j in range(j1 - j0):
-                            d[j * sw] += t[j]
+                        if sw == 1:  # (a unit stride the compiler knows vectorises)
+                            for j in range(j1 - j0):
+                                d[j] += t[j]
+                        else:
+                            for j in range(j1 - j0):
+                                d[j * sw] += t[j]
 
 
 @compile_once
