@@ -103,6 +103,30 @@ def test_depth_slabs_give_the_same_forward(name, workspace):
     np.testing.assert_allclose(hwunfold.forward(x, w, geom), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["c3d-like", "unet-like", "depth-strided"])
+def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
+    """Slabs of the threaded tap-columns forward one output plane deep (the smallest
+    size that holds one), bias included, against the plane-by-plane path."""
+    if not _numba_runtime.numba_available():
+        pytest.skip("numba is not installed")
+    geom = _geometry(name)
+    x, w, _ = _data(geom, np.float64)
+    bias = np.random.default_rng(3).standard_normal(geom.O)
+    size = 1
+    monkeypatch.setattr(hwunfold, "THREADED_SLAB_BYTES", size)
+    while hwunfold._threaded_planes(geom, 8) == 0:
+        size *= 2
+        monkeypatch.setattr(hwunfold, "THREADED_SLAB_BYTES", size)
+    assert 0 < hwunfold._threaded_planes(geom, 8) < geom.spatial_out[0]
+    assert hwunfold.threaded_columns(geom, 8)
+    y = hwunfold.forward(x, w, geom, bias=bias)
+    plain = np.empty_like(y)
+    hwunfold._forward_tap_columns(x, w, geom, plain, bias.reshape(-1, 1))
+    np.testing.assert_allclose(y, plain, rtol=1e-12, atol=1e-12)
+    ref = conv3d_reference(x, w, geom) + bias.reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["i3d-like", "r3d-like", "c3d-like", "depth-strided"])
 def test_results_do_not_depend_on_numba_threads(name, monkeypatch):
     """Kernel steps split planes into bands by thread count; no element's sum may move."""

@@ -171,14 +171,19 @@ def _preferred_gemm(geom: ConvGeometry) -> str:
     return im2col.NAME
 
 
-def _hwunfold_fits(geom: ConvGeometry) -> bool:
+def _hwunfold_fits(geom: ConvGeometry, direction: str = "forward") -> bool:
     """Dense layers whose unfolding gives BLAS a long enough reduction (``kd*C*kh*kw``:
     its GEMMs stack the depth taps), few-channel first layers included (c3d_conv1a
     forward 45 vs 84 ms for im2col, dx 32 vs 58, dw 35 vs 65; unet3d_enc1 37 vs 61,
-    24 vs 49, 32 vs 50); with a depth stride full im2col measured faster
-    (strided_down_s2: 93 vs 139 ms)."""
+    24 vs 49, 32 vs 50). With a depth stride only the forward, and only with numba
+    (its slabs on the engine's threads: strided_down_s2 59-63 vs 70-72 ms); the weight
+    gradient there is im2col's (70-72 vs 83-88)."""
     long_enough = geom.C * geom.taps >= 27
-    return hwunfold.supports(geom) and long_enough and geom.stride[0] == 1
+    if not (hwunfold.supports(geom) and long_enough):
+        return False
+    if geom.stride[0] == 1:
+        return True
+    return direction == "forward" and hwunfold.threaded_columns(geom)  # float32 sizes
 
 
 def conv3d_forward(
@@ -292,14 +297,19 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
             lambda n: candidates[n].backward_input(dy, w, geom),
         )
     name = choose(geom, dy.dtype)
-    # Strided dense layers with 16+ channels: phase by phase, no col2im (strided_down_s2
-    # 83 vs 115 ms for the in-plane unfolding's col2im; 32 -> 64 channels on 64^3, 40 vs
-    # 59; a 1x1x1 stride-2 shortcut 10 vs 19, with pauses between calls).
-    if config.algorithm is None and name == im2col.NAME and polyphase.prefer(geom):
+    # Strided dense layers (whose forward is a GEMM-family pick) with 16+ channels: phase
+    # by phase, no col2im (strided_down_s2 83 vs 115 ms for the in-plane unfolding's
+    # col2im; 32 -> 64 channels on 64^3, 40 vs 59; a 1x1x1 stride-2 shortcut 10 vs 19).
+    strided_gemm = (
+        config.algorithm is None
+        and geom.stride != (1, 1, 1)
+        and name in (im2col.NAME, hwunfold.NAME)
+    )
+    if strided_gemm and polyphase.prefer(geom):
         return polyphase.backward_input(dy, w, geom)
     # Strided dense layers: the in-plane unfolding's col2im beats im2col's
     # (strided_down_s2 dx 120 vs 174 ms).
-    if config.algorithm is None and name == im2col.NAME and hwunfold.supports(geom):
+    if strided_gemm and hwunfold.supports(geom):
         name = hwunfold.NAME
         if geom.stride[0] > 1:
             # Its weight gradient is im2col on the engine's threads (no unfolding across
@@ -340,8 +350,10 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
             name = _preferred_gemm(geom) if name == winograd.NAME else name
         elif fft.prefer(geom, x.dtype, kind="weight"):
             name = fft.NAME
-        elif _hwunfold_fits(geom):
+        elif _hwunfold_fits(geom, "weight"):
             name = hwunfold.NAME
+        elif name == hwunfold.NAME:  # a depth-strided forward's pick (see _hwunfold_fits)
+            name = im2col.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)
 
 
