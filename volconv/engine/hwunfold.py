@@ -71,7 +71,7 @@ from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f, single_threaded_blas
 from ._numba_runtime import compile_once, numba_available, run_tasks
-from ._slabs import Slab, gather_block, plan_slabs, scatter_block_add
+from ._slabs import Slab, copy_parallel, gather_block, plan_slabs, scatter_block_add
 
 NAME = "hwunfold"
 
@@ -200,10 +200,13 @@ def _row_block(geom: ConvGeometry, q: int, d0: int, d1: int) -> tuple[int, int, 
 
 
 def _plane_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``W' (O, kd*C*kh*kw)``, columns ordered ``(a, c, b, e)``: tap ``a``'s block first."""
+    """``W' (O, kd*C*kh*kw)``, columns ordered ``(a, c, b, e)``: tap ``a``'s block first.
+    (Copied on the engine's threads, as is ``W''``: c3d_conv5a's 28 MB 4.0 -> 2.1 ms.)"""
     kd, kh, kw = geom.kernel
     w5 = w.reshape(geom.O, geom.C, kd, kh, kw).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(w5).reshape(geom.O, kd * geom.C * kh * kw)
+    out = np.empty(w5.shape, dtype=w.dtype)
+    copy_parallel(out, w5, axis=0)
+    return out.reshape(geom.O, kd * geom.C * kh * kw)
 
 
 def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -211,7 +214,9 @@ def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     input plane to output planes ``z, z+1, ...`` are consecutive row blocks."""
     kd, kh, kw = geom.kernel
     w5 = w.reshape(geom.O, geom.C, kd, kh, kw)[:, :, ::-1].transpose(2, 0, 1, 3, 4)
-    return np.ascontiguousarray(w5).reshape(kd * geom.O, geom.C * kh * kw)
+    out = np.empty(w5.shape, dtype=w.dtype)
+    copy_parallel(out, w5, axis=1)
+    return out.reshape(kd * geom.O, geom.C * kh * kw)
 
 
 def _geo(geom: ConvGeometry, nb: int) -> np.ndarray:
