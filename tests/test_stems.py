@@ -31,13 +31,15 @@ STEMS = {
     "pads-beyond-kernel": ((1, 3, 4, 19, 21), 5, (3, 7, 5), (1, 2, 2), ((4, 2), (3, 1), (0, 4)), 1),
     # tap rows with an in-plane dilation and stride 3
     "dilated-inplane": ((1, 2, 5, 26, 27), 6, (3, 5, 7), (1, 3, 2), (1, 2, 3), (1, 2, 1)),
+    # tap rows on a plane too large to batch items (>= 2048 outputs): slabs on threads
+    "large-plane-rows": ((1, 3, 5, 92, 90), 4, (3, 7, 7), (1, 2, 2), (1, 3, 3), (1, 1, 1)),
     # tap columns: C3D conv1a / U-Net enc1 style (3x3x3, stride 1, C = 3 / 1)
     "c3d-like": ((2, 3, 6, 17, 18), 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     "unet-like": ((1, 1, 9, 12, 11), 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     # tap columns with depth stride and dilation (runs of one tap), in-plane stride 2
     "depth-strided": ((2, 3, 11, 15, 16), 4, (3, 7, 7), (2, 2, 2), (2, 3, 3), (2, 1, 1)),
 }
-ROWS = {"i3d-like", "r3d-like", "pads-beyond-kernel", "dilated-inplane"}
+ROWS = {"i3d-like", "r3d-like", "pads-beyond-kernel", "dilated-inplane", "large-plane-rows"}
 
 
 def _geometry(name):
@@ -72,6 +74,7 @@ def unfolding(request, monkeypatch):
 def test_stem_forward_and_gradients(name, dtype, cap, unfolding, workspace):
     geom = _geometry(name)
     assert hwunfold._tap_rows(geom) == (name in ROWS)
+    assert (hwunfold._max_batch(geom) == 1) == (name == "large-plane-rows")
     workspace(cap)
     x, w, dy = _data(geom, dtype)
     y = hwunfold.forward(x, w, geom)
@@ -127,7 +130,9 @@ def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
     np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["i3d-like", "r3d-like", "c3d-like", "depth-strided"])
+@pytest.mark.parametrize(
+    "name", ["i3d-like", "r3d-like", "c3d-like", "depth-strided", "large-plane-rows"]
+)
 def test_results_do_not_depend_on_numba_threads(name, monkeypatch):
     """Kernel steps split planes into bands by thread count; no element's sum may move."""
     if not _numba_runtime.numba_available():
