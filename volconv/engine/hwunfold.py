@@ -850,5 +850,7 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx) -> None:
                     col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                     1.0,
                 )  # fmt: skip
-        _fold(dx, col, geom, slab, q0, interleaved=False)
+        # On one thread: right after the multithreaded GEMMs an OpenBLAS thread spins on
+        # the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms; neutral on the stems)
+        _fold(dx, col, geom, slab, q0, interleaved=True)
         del col, buf
