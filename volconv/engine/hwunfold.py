@@ -754,7 +754,9 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     else:
         acc = _backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2), columns (a, c, b, e)
         dw = acc.reshape(O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(dw).reshape(geom.w_shape)
+    out = np.empty(dw.shape, dtype=dw.dtype)
+    copy_parallel(out, dw, axis=0)  # (c3d_conv5a's 28 MB: 5 -> 2.5 ms)
+    return out.reshape(geom.w_shape)
 
 
 def _backward_weight_tap_columns(x, dy, geom: ConvGeometry) -> np.ndarray:
