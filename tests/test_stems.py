@@ -108,8 +108,9 @@ def test_depth_slabs_give_the_same_forward(name, workspace):
 
 @pytest.mark.parametrize("name", ["c3d-like", "unet-like", "depth-strided"])
 def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
-    """Slabs of the threaded tap-columns forward one output plane deep (the smallest
-    size that holds one), bias included, against the plane-by-plane path."""
+    """Slabs of the threaded tap-columns forward and weight gradient one output plane
+    deep (the smallest size that holds one; the weight gradient then fills all its
+    partial sums), bias included, against the plane-by-plane paths."""
     if not _numba_runtime.numba_available():
         pytest.skip("numba is not installed")
     geom = _geometry(name)
@@ -128,6 +129,14 @@ def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
     np.testing.assert_allclose(y, plain, rtol=1e-12, atol=1e-12)
     ref = conv3d_reference(x, w, geom) + bias.reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    dy = np.random.default_rng(4).standard_normal(geom.out_shape)
+    slabs = geom.N * -(-geom.spatial_out[0] // hwunfold._threaded_planes(geom, 8))
+    assert slabs >= hwunfold.WEIGHT_PARTIALS
+    dw = hwunfold.backward_weight(x, dy, geom)
+    plain = hwunfold._backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2)
+    kd, kh, kw = geom.kernel
+    plain = plain.reshape(geom.O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
+    np.testing.assert_allclose(dw.reshape(plain.shape), plain, rtol=1e-12, atol=1e-11)
 
 
 @pytest.mark.parametrize(

@@ -172,19 +172,17 @@ def _preferred_gemm(geom: ConvGeometry) -> str:
     return im2col.NAME
 
 
-def _hwunfold_fits(geom: ConvGeometry, direction: str = "forward") -> bool:
+def _hwunfold_fits(geom: ConvGeometry) -> bool:
     """Dense layers whose unfolding gives BLAS a long enough reduction (``kd*C*kh*kw``:
     its GEMMs stack the depth taps), few-channel first layers included (c3d_conv1a
     forward 45 vs 84 ms for im2col, dx 32 vs 58, dw 35 vs 65; unet3d_enc1 37 vs 61,
-    24 vs 49, 32 vs 50). With a depth stride only the forward, and only with numba
-    (its slabs on the engine's threads: strided_down_s2 59-63 vs 70-72 ms); the weight
-    gradient there is im2col's (70-72 vs 83-88)."""
+    24 vs 49, 32 vs 50). With a depth stride only where its slabs run on the engine's
+    threads (numba; strided_down_s2 forward 59-63 vs 70-72 ms for im2col, weight
+    gradient 63 vs 80); plane by plane, full im2col measured faster (93 vs 139)."""
     long_enough = geom.C * geom.taps >= 27
     if not (hwunfold.supports(geom) and long_enough):
         return False
-    if geom.stride[0] == 1:
-        return True
-    return direction == "forward" and hwunfold.threaded_columns(geom)  # float32 sizes
+    return geom.stride[0] == 1 or hwunfold.threaded_columns(geom)  # (float32 sizes)
 
 
 def conv3d_forward(
@@ -355,10 +353,8 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
             name = _preferred_gemm(geom) if name == winograd.NAME else name
         elif fft.prefer(geom, x.dtype, kind="weight"):
             name = fft.NAME
-        elif _hwunfold_fits(geom, "weight"):
+        elif _hwunfold_fits(geom):
             name = hwunfold.NAME
-        elif name == hwunfold.NAME:  # a depth-strided forward's pick (see _hwunfold_fits)
-            name = im2col.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)
 
 
