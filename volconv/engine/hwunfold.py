@@ -752,7 +752,7 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
         acc = _backward_weight_tap_rows(x, dy, geom)  # (kd*O, K2), rows (kd-1-a, o)
         dw = acc.reshape(kd, O, geom.C, kh, kw)[::-1].transpose(1, 2, 0, 3, 4)
     else:
-        if threaded_columns(geom, x.itemsize):
+        if threaded_columns(geom, x.itemsize) and _weight_partials(geom, x.itemsize) >= 2:
             acc = _backward_weight_tap_columns_threaded(x, dy, geom)
         else:
             acc = _backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2), cols (a, c, b, e)
@@ -766,6 +766,17 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
 #: goes to partial ``i % WEIGHT_PARTIALS``, whatever the thread count, and the partials
 #: are summed in order (so the bits do not depend on the threads).
 WEIGHT_PARTIALS = 8
+
+
+def _weight_partials(geom: ConvGeometry, itemsize: int) -> int:
+    """Partial sums of :func:`_backward_weight_tap_columns_threaded`: ``WEIGHT_PARTIALS``,
+    fewer where the slabs are fewer or where they would pass half the workspace cap (a
+    large weight: 512 x 512 x 27 is 28 MB a copy)."""
+    Do = geom.spatial_out[0]
+    dz = max(1, _threaded_planes(geom, itemsize))
+    slabs = geom.N * -(-Do // dz)
+    room = (config.workspace_bytes // 2) // max(1, geom.O * geom.C * geom.taps * itemsize)
+    return int(min(WEIGHT_PARTIALS, slabs, room))
 
 
 def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarray:
@@ -784,7 +795,7 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarr
     ld = _leading_dim(P, isz)
     dz = _threaded_planes(geom, isz)
     slabs = [Slab(n, n + 1, d0, min(Do, d0 + dz)) for n in range(geom.N) for d0 in range(0, Do, dz)]
-    parts = min(WEIGHT_PARTIALS, len(slabs))
+    parts = _weight_partials(geom, isz)
     acc = np.zeros((parts, K, O), dtype=dtype)
     geo = _geo(geom, 1)
     unfold = _kernels()["unfold"]
