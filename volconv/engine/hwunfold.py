@@ -69,7 +69,7 @@ import numpy as np
 from .. import config
 from . import _numba_runtime
 from ._args import ConvGeometry
-from ._blas import gemm_f, single_threaded_blas
+from ._blas import gemm_f, own_threads, single_threaded_blas
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 from ._slabs import Slab, copy_parallel, gather_block, plan_slabs, scatter_block_add
 
@@ -891,7 +891,15 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
     # Tap columns even where the forward stacks tap rows: measured faster on the stems
     # (i3d 57-60 vs 70-72 ms, R3D 66-70 vs 75-79), the only such layers that get here
     # (a stride-1 dx with 16+ channels is a forward convolution).
-    _backward_input_tap_columns(dy, w, geom, dx)
+    if threaded_columns(geom, dy.itemsize):
+        # The forward and weight gradient of this layer run on the engine's threads with
+        # BLAS single-threaded; a multithreaded BLAS here would leave a thread spinning
+        # into them. Training step in a loop: c3d_conv1a 146-150 -> 103-108 ms,
+        # unet3d_enc1 121-139 -> 97-100. (Not the tap-rows stems: R3D's dx 127 -> 185.)
+        with own_threads():
+            _backward_input_tap_columns(dy, w, geom, dx)
+    else:
+        _backward_input_tap_columns(dy, w, geom, dx)
     return dx
 
 
