@@ -22,6 +22,11 @@ name            used for
 ``fft``         dense stride-1 layers with large kernels (5^3, 7^3) on volumes
                 several times their extent, with numba: overlap-save blocks; the
                 weight gradient only where ``fft.prefer(kind="weight")``
+``hwunfold``    other dense layers whose in-plane unfolding gives BLAS a long
+                enough reduction (first layers, stems, tiny planes, depth-strided
+                layers): H and W unfolded plane by plane, the depth taps stacked
+                into the GEMMs; with numba its slabs run whole on the engine's
+                threads (unfold + single-threaded GEMMs)
 ``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
                 GEMM per kernel tap on a shifted window, no unfolding
 ``pointwise``   1x1x1 kernels without padding and depth-only (kd, 1, 1) kernels
