@@ -137,11 +137,14 @@ def test_chooser_takes_it_for_strided_dense_layers_with_channels(monkeypatch):
     monkeypatch.setattr(polyphase, "backward_input", spy)
     pads, one = ((1, 1),) * 3, (1, 1, 1)
     s2 = (2, 2, 2)
-    taken = engine.conv_geometry((1, 16, 8, 8, 8), (1, 8, 16, 3, 3, 3), s2, pads, one, 1)
-    stem = engine.conv_geometry((1, 3, 8, 8, 8), (1, 8, 3, 3, 3, 3), s2, pads, one, 1)
-    in_plane = engine.conv_geometry((1, 16, 8, 8, 8), (1, 8, 16, 3, 3, 3), (1, 2, 2), pads, one, 1)
-    grouped = engine.conv_geometry((1, 32, 8, 8, 8), (2, 8, 16, 3, 3, 3), s2, pads, one, 2)
-    for geom in (taken, stem, in_plane, grouped):
+    big = (1, 16, 32, 32, 32)  # 113 MFLOP an item: enough work
+    taken = engine.conv_geometry(big, (1, 32, 16, 3, 3, 3), s2, pads, one, 1)
+    assert taken.flops() >= polyphase.MIN_ITEM_FLOPS * taken.N
+    small = engine.conv_geometry((2, 16, 8, 8, 8), (1, 32, 16, 3, 3, 3), s2, pads, one, 1)
+    stem = engine.conv_geometry((1, 3, 64, 64, 64), (1, 32, 3, 3, 3, 3), s2, pads, one, 1)
+    in_plane = engine.conv_geometry(big, (1, 32, 16, 3, 3, 3), (1, 2, 2), pads, one, 1)
+    grouped = engine.conv_geometry((1, 32, 32, 32, 32), (2, 32, 16, 3, 3, 3), s2, pads, one, 2)
+    for geom in (taken, small, stem, in_plane, grouped):
         dy, w = (a.astype(np.float32) for a in _arrays(geom, 5))
         engine.conv3d_backward_input(dy, w, geom)
     assert calls == [taken]

@@ -116,6 +116,7 @@ def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
     geom = _geometry(name)
     x, w, _ = _data(geom, np.float64)
     bias = np.random.default_rng(3).standard_normal(geom.O)
+    monkeypatch.setattr(hwunfold, "THREADED_MIN_PLANE_FLOPS", 0)  # these planes are small
     size = 1
     monkeypatch.setattr(hwunfold, "THREADED_SLAB_BYTES", size)
     while hwunfold._threaded_planes(geom, 8) == 0:
@@ -137,6 +138,21 @@ def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
     kd, kh, kw = geom.kernel
     plain = plain.reshape(geom.O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
     np.testing.assert_allclose(dw.reshape(plain.shape), plain, rtol=1e-12, atol=1e-11)
+    dx = hwunfold.backward_input(dy, w, geom)  # under own_threads here: split GEMMs
+    dx_ref = im2col.backward_input(dy, w, geom)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_threaded_tap_columns_threshold():
+    """Small planes keep the plane-by-plane path; a C3D conv1a-sized plane is threaded."""
+    if not _numba_runtime.numba_available():
+        pytest.skip("numba is not installed")
+    small = _geometry("c3d-like")
+    assert not hwunfold.threaded_columns(small)
+    conv1a = conv_geometry(
+        (1, 3, 4, 112, 112), (1, 64, 3, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1), 1
+    )
+    assert hwunfold.threaded_columns(conv1a)
 
 
 @pytest.mark.parametrize(

@@ -543,13 +543,24 @@ def _threaded_planes(geom: ConvGeometry, itemsize: int) -> int:
     return dz
 
 
+#: Fewest flops of one output plane's GEMMs for the threaded tap columns: below it the
+#: per-slab calls cost more than they save (the demo's 16^3 layers, 0.1-1.8 MFLOP a
+#: plane: forward 1.0-2.5 ms plane by plane against 1.6-5.3 threaded; from 2.7 MFLOP on,
+#: threaded won: 27 vs 28, 12 vs 14, 6.3 vs 8.5).
+THREADED_MIN_PLANE_FLOPS = 2_000_000
+
+
 def threaded_columns(geom: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether the forward runs tap columns in slabs on the engine's threads (with numba,
-    where one output plane's unfolding fits the slab size)."""
+    where one output plane's unfolding fits the slab size and its GEMMs are large enough
+    to pay for a slab's calls)."""
+    Do, Ho, Wo = geom.spatial_out
+    plane_flops = 2 * Ho * Wo * geom.O * geom.reduction
     return (
         numba_available()
         and supports(geom)
         and not _tap_rows(geom)
+        and plane_flops >= THREADED_MIN_PLANE_FLOPS
         and _threaded_planes(geom, itemsize) > 0
     )
 

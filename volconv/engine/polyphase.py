@@ -46,6 +46,10 @@ SLAB_TARGET_BYTES = 4 << 20
 #: Fewest input channels (the GEMMs' ``M``) for which the chooser takes this algorithm;
 #: the 3-channel stems measured 10-20x slower than the in-plane unfolding's col2im.
 MIN_CHANNELS = 16
+#: Fewest flops per batch item for the chooser: below, the per-slab and per-phase calls
+#: cost more than col2im (16 -> 32 channels onto 4^3, 1.8 MFLOP: 3.0 vs 1.7 ms; 14 MFLOP:
+#: a tie; 57 MFLOP: 4.4 vs 4.7; 453 MFLOP: 8.9 vs 14.4).
+MIN_ITEM_FLOPS = 32_000_000
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -55,8 +59,13 @@ def supports(geom: ConvGeometry) -> bool:
 def prefer(geom: ConvGeometry) -> bool:
     """Whether the input gradient goes through here: dense, strided in depth (an in-plane
     stride alone is the in-plane unfolding's: 64 channels with stride (1, 2, 2) measured
-    a tie), and enough channels for its GEMMs."""
-    return supports(geom) and geom.stride[0] > 1 and geom.C >= MIN_CHANNELS
+    a tie), and enough channels and work for its GEMMs."""
+    return (
+        supports(geom)
+        and geom.stride[0] > 1
+        and geom.C >= MIN_CHANNELS
+        and geom.flops() >= MIN_ITEM_FLOPS * geom.N
+    )
 
 
 @dataclass(frozen=True)
