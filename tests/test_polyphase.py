@@ -148,3 +148,13 @@ def test_chooser_takes_it_for_strided_dense_layers_with_channels(monkeypatch):
         dy, w = (a.astype(np.float32) for a in _arrays(geom, 5))
         engine.conv3d_backward_input(dy, w, geom)
     assert calls == [taken]
+
+
+def test_chooser_declines_planes_over_the_cap(workspace):
+    """One phase plane per thread must fit half the workspace cap, else the in-plane
+    unfolding's col2im (which walks planes itself) takes the layer."""
+    pads, one = ((1, 1),) * 3, (1, 1, 1)
+    geom = engine.conv_geometry((1, 16, 8, 256, 256), (1, 32, 16, 3, 3, 3), (2, 2, 2), pads, one, 1)
+    assert polyphase.prefer(geom)
+    workspace(1 << 20)
+    assert not polyphase.prefer(geom)

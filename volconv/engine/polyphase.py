@@ -33,6 +33,7 @@ import numpy as np
 from .. import config
 from ._args import ConvGeometry
 from ._blas import gemm_f, single_threaded_blas
+from ._memory import check_allocation
 from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
 
 NAME = "polyphase"
@@ -60,11 +61,13 @@ def prefer(geom: ConvGeometry) -> bool:
     """Whether the input gradient goes through here: dense, strided in depth (an in-plane
     stride alone is the in-plane unfolding's: 64 channels with stride (1, 2, 2) measured
     a tie), and enough channels and work for its GEMMs."""
+    axes = tuple(_axis(geom, a) for a in range(3))
     return (
         supports(geom)
         and geom.stride[0] > 1
         and geom.C >= MIN_CHANNELS
         and geom.flops() >= MIN_ITEM_FLOPS * geom.N
+        and _plane_bytes(geom, axes, 8) <= _slab_cap()  # one plane per thread fits
     )
 
 
@@ -127,14 +130,22 @@ def _phases(w: np.ndarray, geom: ConvGeometry, axes: tuple[_Axis, ...]) -> list[
     return phases
 
 
-def _planes_per_slab(geom: ConvGeometry, axes, itemsize: int) -> int:
+def _plane_bytes(geom: ConvGeometry, axes, itemsize: int) -> int:
+    """Scratch of one phase plane of a slab: its ``dy`` shifts and its phase results."""
     n_shifts = len(axes[0].offsets) * len(axes[1].offsets) * len(axes[2].offsets)
     n_phases = axes[0].stride * axes[1].stride * axes[2].stride
-    plane = itemsize * axes[1].length * axes[2].length * (n_shifts * geom.O + n_phases * geom.C)
+    return itemsize * axes[1].length * axes[2].length * (n_shifts * geom.O + n_phases * geom.C)
+
+
+def _slab_cap() -> int:
     # (not the thread count: the slabs, and with them the GEMMs' shapes, are set by the
     # geometry and the cap alone)
-    cap = min(SLAB_TARGET_BYTES, config.workspace_bytes // 2)
-    return int(max(1, min(axes[0].length, cap // max(1, plane))))
+    return min(SLAB_TARGET_BYTES, config.workspace_bytes // 2)
+
+
+def _planes_per_slab(geom: ConvGeometry, axes, itemsize: int) -> int:
+    plane = _plane_bytes(geom, axes, itemsize)
+    return int(max(1, min(axes[0].length, _slab_cap() // max(1, plane))))
 
 
 def _shift_dy(dy: np.ndarray, n: int, i0: int, i1: int, axes, U: np.ndarray) -> None:
@@ -281,6 +292,12 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
     if kernels is not None:
         offsets = [np.array(ax.offsets, dtype=np.int64) for ax in axes]
         counts = [np.array(ax.counts, dtype=np.int64) for ax in axes]
+
+    # Called directly (autotune, tests) on planes larger than the cap: refuse what could
+    # never fit rather than allocate it (each thread holds one slab).
+    check_allocation(
+        (engine_threads(), per, _plane_bytes(geom, axes, isz)), np.uint8, "polyphase slabs"
+    )
 
     def work(task: int, ntasks: int) -> None:
         U = np.empty(n_shifts * O * per * nh * nw, dtype=dtype)
