@@ -154,7 +154,7 @@ def test_chooser_declines_planes_over_the_cap(workspace):
     """One phase plane per thread must fit half the workspace cap, else the in-plane
     unfolding's col2im (which walks planes itself) takes the layer."""
     pads, one = ((1, 1),) * 3, (1, 1, 1)
-    geom = engine.conv_geometry((1, 16, 8, 256, 256), (1, 32, 16, 3, 3, 3), (2, 2, 2), pads, one, 1)
+    geom = engine.conv_geometry((1, 16, 8, 128, 128), (1, 32, 16, 3, 3, 3), (2, 2, 2), pads, one, 1)
     assert polyphase.prefer(geom)
-    workspace(1 << 20)
+    workspace(16 << 20)
     assert not polyphase.prefer(geom)

@@ -67,7 +67,7 @@ def prefer(geom: ConvGeometry) -> bool:
         and geom.stride[0] > 1
         and geom.C >= MIN_CHANNELS
         and geom.flops() >= MIN_ITEM_FLOPS * geom.N
-        and _plane_bytes(geom, axes, 8) <= _slab_cap()  # one plane per thread fits
+        and _plane_bytes(geom, axes, 8) <= config.workspace_bytes // 2  # a plane a thread
     )
 
 
