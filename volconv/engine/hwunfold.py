@@ -565,6 +565,38 @@ def threaded_columns(geom: ConvGeometry, itemsize: int = 4) -> bool:
     )
 
 
+class _ItemSlabs:
+    """The threaded tap-columns plan: slabs of one item and a few output planes (see
+    :func:`_threaded_planes`), each unfolded on the thread that works on it."""
+
+    def __init__(self, geom: ConvGeometry, x: np.ndarray):
+        self.geom, self.x = geom, x
+        kd, kh, kw = geom.kernel
+        Do, Ho, Wo = geom.spatial_out
+        self.P = Ho * Wo
+        self.ld = _leading_dim(self.P, x.itemsize)
+        self.K2 = geom.C * kh * kw
+        dz = _threaded_planes(geom, x.itemsize)
+        self.slabs = [
+            Slab(n, n + 1, d0, min(Do, d0 + dz)) for n in range(geom.N) for d0 in range(0, Do, dz)
+        ]
+        sd, dd = geom.stride[0], geom.dilation[0]
+        self.planes = min(geom.spatial_in[0], (dz - 1) * sd + (kd - 1) * dd + 1)
+        self._geo = _geo(geom, 1)
+        self._kernel = _kernels()["unfold"]
+
+    def buffer(self) -> np.ndarray:
+        """A column buffer for one slab (one per thread)."""
+        return np.empty((self.planes, self.K2, self.ld), dtype=self.x.dtype)
+
+    def unfold(self, slab: Slab, col: np.ndarray) -> int:
+        """Unfold the slab's input planes into ``col`` on this thread; the first plane."""
+        q0, q1 = _plane_range(self.geom, slab.d0, slab.d1)
+        Ho = self.geom.spatial_out[1]
+        self._kernel(0, 1, self.x, col[: q1 - q0], slab.n0, q0, self._geo, Ho)
+        return q0
+
+
 def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None) -> None:
     """Tap columns in slabs of one item and a few output planes, each slab unfolded and
     multiplied by one thread with a single-threaded BLAS (no OpenBLAS thread left
@@ -573,32 +605,23 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None) ->
     on both threads and then running multithreaded GEMMs: c3d_conv1a 49 -> 40 ms,
     unet3d_enc1 40 -> 32, strided_down_s2 98 -> 64 (0.1 s pauses between calls). Every
     output plane is one fixed sequence of GEMMs, whichever thread runs it."""
-    O, isz, dtype = geom.O, x.itemsize, x.dtype
-    kd, kh, kw = geom.kernel
-    sd, dd = geom.stride[0], geom.dilation[0]
-    K2 = geom.C * kh * kw
+    O, isz = geom.O, x.itemsize
+    plan = _ItemSlabs(geom, x)
+    K2, P, ld, kd = plan.K2, plan.P, plan.ld, geom.kernel[0]
+    Do = geom.spatial_out[0]
     wk = _plane_weights(w, geom)
-    Do, Ho, Wo = geom.spatial_out
-    P = Ho * Wo
-    ld = _leading_dim(P, isz)
-    dz = _threaded_planes(geom, isz)
-    slabs = [Slab(n, n + 1, d0, min(Do, d0 + dz)) for n in range(geom.N) for d0 in range(0, Do, dz)]
-    geo = _geo(geom, 1)
-    unfold = _kernels()["unfold"]
-    max_planes = min(geom.spatial_in[0], (dz - 1) * sd + (kd - 1) * dd + 1)
 
     def work(task: int, ntasks: int) -> None:
-        col = np.empty((max_planes, K2, ld), dtype=dtype)
-        for slab in slabs[task::ntasks]:
-            q0, q1 = _plane_range(geom, slab.d0, slab.d1)
-            unfold(0, 1, x, col[: q1 - q0], slab.n0, q0, geo, Ho)
+        col = plan.buffer()
+        for slab in plan.slabs[task::ntasks]:
+            q0 = plan.unfold(slab, col)
             for z in range(slab.d0, slab.d1):
                 c_ptr = out.ctypes.data + ((slab.n0 * O) * Do + z) * P * isz
                 runs = _runs(geom, z)
                 for i, (a0, a1, q) in enumerate(runs):
                     # Fortran: y_z^T (P x O) (+)= window^T (P x K) @ W'[:, a0:a1]^T (K x O)
                     gemm_f(
-                        dtype, False, False, P, O, (a1 - a0) * K2,
+                        x.dtype, False, False, P, O, (a1 - a0) * K2,
                         col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                         wk.ctypes.data + a0 * K2 * isz, kd * K2,
                         c_ptr, Do * P,
@@ -797,27 +820,17 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarr
     plane-by-plane path (ms, 0.1 s pauses): strided_down_s2 63 vs 88-92 (im2col 80),
     c3d_conv1a 34 vs 43, unet3d_enc1 26 vs 37, r3d18_stem 58 vs 72."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
-    kd, kh, kw = geom.kernel
-    sd, dd = geom.stride[0], geom.dilation[0]
-    K2 = geom.C * kh * kw
-    K = kd * K2
-    Do, Ho, Wo = geom.spatial_out
-    P = Ho * Wo
-    ld = _leading_dim(P, isz)
-    dz = _threaded_planes(geom, isz)
-    slabs = [Slab(n, n + 1, d0, min(Do, d0 + dz)) for n in range(geom.N) for d0 in range(0, Do, dz)]
+    plan = _ItemSlabs(geom, x)
+    K2, P, ld = plan.K2, plan.P, plan.ld
+    Do = geom.spatial_out[0]
     parts = _weight_partials(geom, isz)
-    acc = np.zeros((parts, K, O), dtype=dtype)
-    geo = _geo(geom, 1)
-    unfold = _kernels()["unfold"]
-    max_planes = min(geom.spatial_in[0], (dz - 1) * sd + (kd - 1) * dd + 1)
+    acc = np.zeros((parts, geom.kernel[0] * K2, O), dtype=dtype)
 
     def work(g0: int, g1: int) -> None:
-        col = np.empty((max_planes, K2, ld), dtype=dtype)
+        col = plan.buffer()
         for g in range(g0, g1):
-            for slab in slabs[g::parts]:
-                q0, q1 = _plane_range(geom, slab.d0, slab.d1)
-                unfold(0, 1, x, col[: q1 - q0], slab.n0, q0, geo, Ho)
+            for slab in plan.slabs[g::parts]:
+                q0 = plan.unfold(slab, col)
                 for z in range(slab.d0, slab.d1):
                     g_ptr = dy.ctypes.data + ((slab.n0 * O) * Do + z) * P * isz
                     for a0, a1, q in _runs(geom, z):
