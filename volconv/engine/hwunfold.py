@@ -232,6 +232,16 @@ def _geo(geom: ConvGeometry, nb: int) -> np.ndarray:
 # ----------------------------------------------------------------- kernels (numba)
 
 
+def _phase_columns(W, Wq, sw, pw, low):  # pragma: no cover - compiled (inlined)
+    """The columns ``[j0, j1)`` of polyphase row ``pw`` that lie inside the input:
+    ``0 <= j*sw + pw - low < W`` (the others are padding)."""
+    j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
+    j1 = j0
+    if W - 1 + low - pw >= 0:
+        j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+    return j0, j1
+
+
 def _unfold_worker(task, ntasks, x, col, n0, q0, geo, band):  # pragma: no cover - compiled
     """``col[qi, (c, b, e), (n, h, w)] = x[n0 + n, c, q0 + qi, h*sh + b*dh - loh,
     w*sw + e*dw - low]`` (zero in the padding). A step is a band of ``band`` output rows
@@ -260,10 +270,7 @@ def _unfold_worker(task, ntasks, x, col, n0, q0, geo, band):  # pragma: no cover
         hb = min(Ho, h0 + band) - h0
         for ph in range(sh):
             for pw in range(sw):
-                j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
-                j1 = j0
-                if W - 1 + low - pw >= 0:
-                    j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+                j0, j1 = _phase_columns(W, Wq, sw, pw, low)
                 bp = buf[ph, pw]
                 for i in range(hb + ohm):
                     iy = (h0 + i) * sh + ph - loh
@@ -347,10 +354,7 @@ def _fold_worker(task, ntasks, dx, col, n0, q0, geo, band):  # pragma: no cover 
                 if iy < 0 or iy >= H:
                     continue
                 for pw in range(sw):
-                    j0 = min(Wq, max(0, (sw - 1 + low - pw) // sw))
-                    j1 = j0
-                    if W - 1 + low - pw >= 0:
-                        j1 = max(j0, min(Wq, (W - 1 + low - pw) // sw + 1))
+                    j0, j1 = _phase_columns(W, Wq, sw, pw, low)
                     if j1 > j0:
                         d = dst[iy, j0 * sw + pw - low :]
                         t = buf[ph, pw, i * Wq + j0 : i * Wq + j1]
@@ -368,6 +372,8 @@ def _kernels() -> dict:
     import numba
 
     # fastmath off: the col2im sums keep the order written here.
+    global _phase_columns
+    _phase_columns = numba.njit(inline="always", cache=True)(_phase_columns)
     jit = numba.njit(cache=True, fastmath=False, nogil=True)
     return {"numba": numba, "unfold": jit(_unfold_worker), "fold": jit(_fold_worker)}
 
