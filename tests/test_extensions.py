@@ -162,6 +162,10 @@ CASES = [
         fmt="NDHWC"),
     Ext("ndhwc_circular_dil", (1, 3, 4, 5, 6), 2, (2, 3, 2), padding=2, dilation=(2, 1, 2),
         mode="circular", fmt="NDHWC"),
+    # channels-last 1x1x1: one GEMM on the NDHWC arrays (engine.channels_last)
+    Ext("ndhwc_pointwise", (2, 5, 3, 4, 6), 7, (1, 1, 1), fmt="NDHWC"),
+    Ext("ndhwc_pointwise_same_nobias", (1, 4, 2, 3, 5), 3, (1, 1, 1), padding="same",
+        bias=False, fmt="NDHWC"),
 ]  # fmt: skip
 
 
@@ -519,3 +523,52 @@ def test_bfloat16_dtype_rules():
     # accumulation in float32: 300 ones sum to 300 (bfloat16 itself stops at 256)
     x = np.ones((1, 300, 1, 1, 1), bf16)
     assert float(F.conv3d(x, x).numpy().astype(np.float32).ravel()[0]) == 300.0
+
+
+# ---- channels-last 1x1x1 without a transpose ----------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("bias_shape", [None, (5,), (1, 5, 1, 1, 1), ()])
+def test_ndhwc_pointwise_takes_the_native_path(dtype, bias_shape, monkeypatch, rng):
+    """Default chooser: an NDHWC 1x1x1 layer goes through ``engine.ndhwc_*`` (no
+    transpose), and its output and gradients equal the NCDHW computation's."""
+    calls = []
+    for name in ("ndhwc_forward", "ndhwc_backward_input", "ndhwc_backward_weight"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(
+            engine,
+            name,
+            lambda *a, real=real, name=name, **k: (calls.append(name), real(*a, **k))[1],
+        )
+    x = rng.standard_normal((2, 3, 4, 5, 6))  # NDHWC, 6 channels
+    w = rng.standard_normal((5, 6, 1, 1, 1))
+    b = None if bias_shape is None else rng.standard_normal(bias_shape)
+    dy = rng.standard_normal((2, 3, 4, 5, 5))
+    y, grads = _run(F.conv3d, x, w, b, dy, dtype=dtype, format="NDHWC")
+    assert calls == ["ndhwc_forward", "ndhwc_backward_weight", "ndhwc_backward_input"]
+    xt, dyt = x.transpose(0, 4, 1, 2, 3), dy.transpose(0, 4, 1, 2, 3)
+    y_ref, g_ref = _run(F.conv3d, xt, w, b, dyt, dtype=dtype)  # NCDHW: the engine's path
+    assert y.dtype == dtype and y.shape == (2, 3, 4, 5, 5)
+    tol = 0 if dtype == np.float64 else (1e-5 if dtype == np.float32 else 1e-2)
+    scale = max(1.0, float(np.abs(y_ref.numpy()).max()))
+    np.testing.assert_allclose(
+        y.numpy(), y_ref.numpy().transpose(0, 2, 3, 4, 1), rtol=tol, atol=tol * scale + 1e-12
+    )
+    np.testing.assert_allclose(
+        grads[0], g_ref[0].transpose(0, 2, 3, 4, 1), rtol=tol, atol=tol * scale * 10 + 1e-12
+    )
+    for got, want in zip(grads[1:], g_ref[1:], strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 100 + 1e-10)
+
+
+def test_ndhwc_native_path_only_where_it_applies(algorithm):
+    one = (1, 1, 1)
+    pw = conv_geometry((1, 6, 3, 4, 5), (1, 5, 6, 1, 1, 1), one, ((0, 0),) * 3, one, 1)
+    assert engine.channels_last(pw)
+    for stride, pads, groups in [((2, 1, 1), ((0, 0),) * 3, 1), (one, ((1, 1),) * 3, 1),
+                                 (one, ((0, 0),) * 3, 2)]:  # fmt: skip
+        w_shape = (groups, 6 // groups, 6 // groups, 1, 1, 1)
+        geom = conv_geometry((1, 6, 3, 4, 5), w_shape, stride, pads, one, groups)
+        assert not engine.channels_last(geom)
+    algorithm("im2col")  # a forced algorithm is honoured: NCDHW between transposes
+    assert not engine.channels_last(pw)

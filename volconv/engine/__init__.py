@@ -85,11 +85,15 @@ __all__ = [
     "add_channel_bias",
     "algorithms",
     "channel_sums",
+    "channels_last",
     "choose",
     "conv3d_backward_input",
     "conv3d_backward_weight",
     "conv3d_forward",
     "conv_geometry",
+    "ndhwc_backward_input",
+    "ndhwc_backward_weight",
+    "ndhwc_forward",
 ]
 
 
@@ -361,6 +365,33 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
         elif _hwunfold_fits(geom):
             name = hwunfold.NAME
     return ALGORITHMS[name].backward_weight(x, dy, geom)
+
+
+def channels_last(geom: ConvGeometry) -> bool:
+    """Whether the engine computes this layer's NDHWC form without a transpose (with
+    :func:`ndhwc_forward` and its two gradients): dense stride-1 unpadded 1x1x1 layers,
+    one GEMM on the arrays as they are (unless ``config.algorithm`` forces another
+    algorithm). Other layers are computed in NCDHW."""
+    return config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom)
+
+
+def ndhwc_forward(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """:func:`conv3d_forward` on ``x (N, D, H, W, C)``, giving ``(N, Do, Ho, Wo, O)``,
+    for a layer with :func:`channels_last`."""
+    return pointwise.forward_channels_last(x, w, geom, bias)
+
+
+def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """:func:`conv3d_backward_input` in NDHWC, for a layer with :func:`channels_last`."""
+    return pointwise.backward_input_channels_last(dy, w, geom)
+
+
+def ndhwc_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """:func:`conv3d_backward_weight` from NDHWC data, for a layer with
+    :func:`channels_last`."""
+    return pointwise.backward_weight_channels_last(x, dy, geom)
 
 
 #: Below this many bytes the bias add and sum stay on the calling thread.

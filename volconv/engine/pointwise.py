@@ -230,3 +230,53 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
             del xs
     dw = acc.transpose(0, 2, 1) if o_rows else acc  # (G, Og, Cg)
     return np.ascontiguousarray(dw).reshape(geom.w_shape)
+
+
+# --------------------------------------------------------------------- channels last
+#
+# In NDHWC ("channels-last") a dense, stride-1, unpadded 1x1x1 layer is one GEMM on the
+# arrays exactly as they are, ``(positions, C) @ (C, O)``: no transpose in or out, so a
+# chain of such layers in NDHWC never changes layout. (Other layers are computed in
+# NCDHW, between two transposes: see volconv/functional/_padding.py.)
+
+
+def channels_last(geom: ConvGeometry) -> bool:
+    """Whether the layer's NDHWC form is computed here without a transpose."""
+    one = (1, 1, 1)
+    return geom.G == 1 and geom.kernel == one and geom.stride == one and geom.pads == ((0, 0),) * 3
+
+
+def _rows(a: np.ndarray, channels: int) -> np.ndarray:
+    """``a (N, D, H, W, channels)`` as a C-ordered ``(positions, channels)`` matrix."""
+    return np.ascontiguousarray(a).reshape(-1, channels)
+
+
+def forward_channels_last(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None
+) -> np.ndarray:
+    """``y (N, D, H, W, O) = x (N, D, H, W, C) @ W^T (+ bias)``, one GEMM."""
+    x2 = _rows(x, geom.C)
+    w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=x.dtype)
+    y = np.empty((x2.shape[0], geom.O), dtype=x.dtype)
+    gemm_batch(x2[None], w2.T[None], y[None])
+    if bias is not None:
+        y += np.asarray(bias, dtype=x.dtype).reshape(geom.O)
+    return y.reshape(*x.shape[:4], geom.O)
+
+
+def backward_input_channels_last(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``dx (N, D, H, W, C) = dy (N, D, H, W, O) @ W``, one GEMM."""
+    dy2 = _rows(dy, geom.O)
+    w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=dy.dtype)
+    dx = np.empty((dy2.shape[0], geom.C), dtype=dy.dtype)
+    gemm_batch(dy2[None], w2[None], dx[None])
+    return dx.reshape(*dy.shape[:4], geom.C)
+
+
+def backward_weight_channels_last(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """``dW (O, C) = dy^T @ x`` over every position, one GEMM; shape ``geom.w_shape``."""
+    x2 = _rows(x, geom.C)
+    dy2 = _rows(dy, geom.O).astype(x.dtype, copy=False)
+    dw = np.empty((geom.O, geom.C), dtype=x.dtype)
+    gemm_batch(dy2.T[None], x2[None], dw[None])
+    return dw.reshape(geom.w_shape)

@@ -152,8 +152,11 @@ def _finish(y: np.ndarray, b: Tensor | None, out_dtype: np.dtype, channels: int)
     return y.astype(out_dtype, copy=False)
 
 
-def _bias_grad(g: np.ndarray, b: Tensor) -> np.ndarray:
-    sums = engine.channel_sums(g)
+def _bias_grad(g: np.ndarray, b: Tensor, channels_last: bool = False) -> np.ndarray:
+    if channels_last:  # (N, D, H, W, O): the channels are the rows' columns
+        sums = g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=g.dtype)
+    else:
+        sums = engine.channel_sums(g)
     if b.size == 1:  # one value broadcast over every channel: its gradient sums them all
         sums = sums.sum(dtype=sums.dtype)
     return np.reshape(sums, b.shape).astype(b.dtype)
@@ -268,10 +271,12 @@ def conv3d(
     if b is not None:
         _bias_shape(b, geom.O)
     check_allocation(geom.out_shape, cdt, "conv3d output")
+    wc = _compute_array(w, cdt).reshape(w6)
+    if fmt == "NDHWC" and mode == "zeros" and engine.channels_last(geom):
+        return _conv3d_channels_last(x, w, b, wc, geom, out_dtype, cdt)
     xc = _padding.to_ncdhw(x._data, fmt, cdt)
     if mode != "zeros":
         xc = _padding.pad(xc, pads, mode)
-    wc = _compute_array(w, cdt).reshape(w6)
     with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
         # the bias is added in the compute dtype (by the algorithm as it writes y)
         y = engine.conv3d_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
@@ -297,6 +302,29 @@ def conv3d(
         if dw is not None:
             dw = dw.reshape(w.shape).astype(w.dtype)
         return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
+
+    record(y, (x, w) if b is None else (x, w, b), backward)
+    return y
+
+
+def _conv3d_channels_last(x, w, b, wc, geom, out_dtype, cdt) -> Tensor:
+    """:func:`conv3d` on NDHWC data the engine computes without a transpose (a dense
+    stride-1 1x1x1 layer: one GEMM on the arrays as they are, forward and backward)."""
+    xc = np.ascontiguousarray(x._data, dtype=cdt)
+    with ENGINE_LOCK:
+        y = engine.ndhwc_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
+    y = Tensor._wrap(y.astype(out_dtype, copy=False))
+    want_dx, want_dw = needs_grad(x), needs_grad(w)
+
+    def backward(g):
+        gc = np.ascontiguousarray(g, dtype=cdt)
+        dx = dw = None
+        with ENGINE_LOCK:
+            if want_dw:
+                dw = engine.ndhwc_backward_weight(xc, gc, geom).reshape(w.shape).astype(w.dtype)
+            if want_dx:
+                dx = engine.ndhwc_backward_input(gc, wc, geom).astype(x.dtype, copy=False)
+        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b, channels_last=True))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
     return y
