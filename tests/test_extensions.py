@@ -572,3 +572,24 @@ def test_ndhwc_native_path_only_where_it_applies(algorithm):
         assert not engine.channels_last(geom)
     algorithm("im2col")  # a forced algorithm is honoured: NCDHW between transposes
     assert not engine.channels_last(pw)
+
+
+@pytest.mark.parametrize("to_last", [True, False])
+@pytest.mark.parametrize(
+    "dtype,out_dtype",
+    [(np.float32, None), (np.float64, None), (np.float16, np.float32), (np.float32, np.float16)],
+)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_blocked_channel_transpose(to_last, dtype, out_dtype, contiguous, monkeypatch, rng):
+    """The blocked NCDHW <-> NDHWC copy (every size: the numpy cut-off set to 0) equals
+    numpy's transposing copy, on ragged block edges and non-contiguous input too."""
+    from volconv.engine import _layout
+
+    monkeypatch.setattr(_layout, "MIN_BYTES", 0)
+    base = rng.standard_normal((2, 70, 3, 5, 9)).astype(dtype)  # 70: a ragged 64-block
+    a = base if contiguous else base[:, :, :, ::-1]
+    got = _layout.transpose_channels(a, to_last=to_last, dtype=out_dtype)
+    perm = (0, 2, 3, 4, 1) if to_last else (0, 4, 1, 2, 3)
+    want = np.ascontiguousarray(a.transpose(perm), dtype=out_dtype or dtype)
+    assert got.dtype == want.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine._args import Pads, Triple, dilated_extent, triple
+from ..engine._layout import transpose_channels
 
 __all__ = [
     "FORMATS",
@@ -196,9 +197,10 @@ def pad_backward(g: np.ndarray, pads: Pads, mode: str) -> np.ndarray:
 
 # ---- data layout ------------------------------------------------------------------------------
 # The engine computes in NCDHW. NDHWC ("channels-last") input and output are transposed
-# to and from NCDHW here, and only here, so that when the engine learns to compute
-# channels-last natively (NDHWC is the faster layout on CPUs), these two helpers are the
-# single place to change.
+# to and from NCDHW here, and only here (a blocked transpose on the engine's threads:
+# engine/_layout.py), except where the engine computes channels-last itself
+# (``engine.channels_last``: dense stride-1 1x1x1 layers, which ``conv3d`` hands over
+# untransposed).
 def ncdhw_shape(shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
     """The NCDHW shape of an array of ``shape`` in layout ``fmt``."""
     if fmt == "NDHWC":
@@ -209,12 +211,12 @@ def ncdhw_shape(shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
 def to_ncdhw(a: np.ndarray, fmt: str, dtype=None) -> np.ndarray:
     """A C-contiguous NCDHW array (of ``dtype``) from ``a`` in layout ``fmt``."""
     if fmt == "NDHWC":
-        a = a.transpose(0, 4, 1, 2, 3)
+        return transpose_channels(a, to_last=False, dtype=dtype)
     return np.ascontiguousarray(a, dtype=dtype)
 
 
 def from_ncdhw(a: np.ndarray, fmt: str, dtype=None) -> np.ndarray:
     """``a`` (NCDHW) in layout ``fmt``, C-contiguous, as ``dtype``."""
     if fmt == "NDHWC":
-        return np.ascontiguousarray(a.transpose(0, 2, 3, 4, 1), dtype=dtype)
+        return transpose_channels(a, to_last=True, dtype=dtype)
     return a if dtype is None else a.astype(dtype, copy=False)
