@@ -785,3 +785,22 @@ def test_workspace_that_cannot_fit_is_refused_by_volconv_before_allocating():
     """
     kind, message = run_isolated(code, timeout=60)
     assert kind == "MemoryError" and "more than this machine's" in message, message
+
+
+@pytest.mark.parametrize("name", [None, "winograd", "fft"])
+def test_huge_finite_values_take_an_exact_path(name, algorithm):
+    """float32 data so large that its own sum overflows (the engine's finiteness check
+    then fails) still convolves exactly where the result is finite: the FINITE_ONLY
+    algorithms (whose transforms would overflow) hand it to the GEMM family."""
+    rng = np.random.default_rng(7)
+    x = (np.float32(3e36) * (1 + rng.random((1, 8, 6, 6, 6)))).astype(np.float32)
+    w = (1e-3 * rng.standard_normal((8, 8, 3, 3, 3))).astype(np.float32)
+    assert not np.isfinite(np.add.reduce(x, axis=None))  # the check's own sum overflows
+    geom = _geom_of(x, w, dict(padding=1))
+    ref = conv3d_reference(x.astype(np.float64), w.reshape(geom.w_shape).astype(np.float64), geom)
+    assert np.isfinite(ref).all()
+    if name is not None:
+        algorithm(name)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = F.conv3d(x, w, padding=1).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

