@@ -150,6 +150,14 @@ def copy_parallel(dst: np.ndarray, src: np.ndarray, axis: int = 0) -> None:
     run_shares(share, n, threads)
 
 
+def parallel_copy(src: np.ndarray, axis: int = 0) -> np.ndarray:
+    """A new C-contiguous copy of ``src`` (any strided view: a transposed or flipped
+    weight), made by :func:`copy_parallel` split along ``axis``."""
+    out = np.empty(src.shape, dtype=src.dtype)
+    copy_parallel(out, src, axis=axis)
+    return out
+
+
 def tap_windows(block: np.ndarray, geom: ConvGeometry, dz: int) -> np.ndarray:
     """A read/write strided view ``(G, Cg, kd, kh, kw, nb, dz, Ho, Wo)`` of a block.
 

@@ -71,7 +71,7 @@ from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f, own_threads, single_threaded_blas
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
-from ._slabs import Slab, copy_parallel, gather_block, plan_slabs, scatter_block_add
+from ._slabs import Slab, gather_block, parallel_copy, plan_slabs, scatter_block_add
 
 NAME = "hwunfold"
 
@@ -204,9 +204,7 @@ def _plane_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     (Copied on the engine's threads, as is ``W''``: c3d_conv5a's 28 MB 4.0 -> 2.1 ms.)"""
     kd, kh, kw = geom.kernel
     w5 = w.reshape(geom.O, geom.C, kd, kh, kw).transpose(0, 2, 1, 3, 4)
-    out = np.empty(w5.shape, dtype=w.dtype)
-    copy_parallel(out, w5, axis=0)
-    return out.reshape(geom.O, kd * geom.C * kh * kw)
+    return parallel_copy(w5, axis=0).reshape(geom.O, kd * geom.C * kh * kw)
 
 
 def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -214,9 +212,7 @@ def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     input plane to output planes ``z, z+1, ...`` are consecutive row blocks."""
     kd, kh, kw = geom.kernel
     w5 = w.reshape(geom.O, geom.C, kd, kh, kw)[:, :, ::-1].transpose(2, 0, 1, 3, 4)
-    out = np.empty(w5.shape, dtype=w.dtype)
-    copy_parallel(out, w5, axis=1)
-    return out.reshape(kd * geom.O, geom.C * kh * kw)
+    return parallel_copy(w5, axis=1).reshape(kd * geom.O, geom.C * kh * kw)
 
 
 def _geo(geom: ConvGeometry, nb: int) -> np.ndarray:
@@ -797,9 +793,7 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
         else:
             acc = _backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2), cols (a, c, b, e)
         dw = acc.reshape(O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
-    out = np.empty(dw.shape, dtype=dw.dtype)
-    copy_parallel(out, dw, axis=0)  # (c3d_conv5a's 28 MB: 5 -> 2.5 ms)
-    return out.reshape(geom.w_shape)
+    return parallel_copy(dw).reshape(geom.w_shape)  # (c3d_conv5a's 28 MB: 5 -> 2.5 ms)
 
 
 #: Partial weight gradients of :func:`_backward_weight_tap_columns_threaded`: slab ``i``
