@@ -272,59 +272,41 @@ def conv3d(
         _bias_shape(b, geom.O)
     check_allocation(geom.out_shape, cdt, "conv3d output")
     wc = _compute_array(w, cdt).reshape(w6)
-    if fmt == "NDHWC" and mode == "zeros" and engine.channels_last(geom):
-        return _conv3d_channels_last(x, w, b, wc, geom, out_dtype, cdt)
-    xc = _padding.to_ncdhw(x._data, fmt, cdt)
+    # Dense stride-1 1x1x1 layers in NDHWC go to the engine as they are (one GEMM, no
+    # transpose in or out: engine.channels_last); the others are computed in NCDHW.
+    native = fmt == "NDHWC" and mode == "zeros" and engine.channels_last(geom)
+    layout = "NCDHW" if native else fmt  # what to_ncdhw / from_ncdhw convert: nothing
+    forward = engine.ndhwc_forward if native else engine.conv3d_forward
+    weight_grad = engine.ndhwc_backward_weight if native else engine.conv3d_backward_weight
+    input_grad = engine.ndhwc_backward_input if native else engine.conv3d_backward_input
+    xc = _padding.to_ncdhw(x._data, layout, cdt)
     if mode != "zeros":
         xc = _padding.pad(xc, pads, mode)
     with ENGINE_LOCK:  # one convolution at a time: see volconv/engine/_lock.py
         # the bias is added in the compute dtype (by the algorithm as it writes y)
-        y = engine.conv3d_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
+        y = forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
     y = y.astype(out_dtype, copy=False)  # rounded once to the output dtype
-    y = Tensor._wrap(_padding.from_ncdhw(y, fmt))
+    y = Tensor._wrap(_padding.from_ncdhw(y, layout))
 
     # The input gradient is skipped when nothing upstream needs it (a network's data).
     want_dx, want_dw = needs_grad(x), needs_grad(w)
 
     def backward(g):
-        gc = _padding.to_ncdhw(g, fmt, cdt)
+        gc = _padding.to_ncdhw(g, layout, cdt)
         dx = dw = None
         with ENGINE_LOCK:
             # dw first: see "Gradient order" above conv3d
             if want_dw:
-                dw = engine.conv3d_backward_weight(xc, gc, geom)
+                dw = weight_grad(xc, gc, geom)
             if want_dx:
-                dx = engine.conv3d_backward_input(gc, wc, geom)
+                dx = input_grad(gc, wc, geom)
         if dx is not None:
             if mode != "zeros":
                 dx = _padding.pad_backward(dx, pads, mode)
-            dx = _padding.from_ncdhw(dx, fmt, x.dtype)
+            dx = _padding.from_ncdhw(dx, layout, x.dtype)
         if dw is not None:
             dw = dw.reshape(w.shape).astype(w.dtype)
-        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b))
-
-    record(y, (x, w) if b is None else (x, w, b), backward)
-    return y
-
-
-def _conv3d_channels_last(x, w, b, wc, geom, out_dtype, cdt) -> Tensor:
-    """:func:`conv3d` on NDHWC data the engine computes without a transpose (a dense
-    stride-1 1x1x1 layer: one GEMM on the arrays as they are, forward and backward)."""
-    xc = np.ascontiguousarray(x._data, dtype=cdt)
-    with ENGINE_LOCK:
-        y = engine.ndhwc_forward(xc, wc, geom, bias=_bias_vector(b, geom.O, cdt))
-    y = Tensor._wrap(y.astype(out_dtype, copy=False))
-    want_dx, want_dw = needs_grad(x), needs_grad(w)
-
-    def backward(g):
-        gc = np.ascontiguousarray(g, dtype=cdt)
-        dx = dw = None
-        with ENGINE_LOCK:
-            if want_dw:
-                dw = engine.ndhwc_backward_weight(xc, gc, geom).reshape(w.shape).astype(w.dtype)
-            if want_dx:
-                dx = engine.ndhwc_backward_input(gc, wc, geom).astype(x.dtype, copy=False)
-        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b, channels_last=True))
+        return (dx, dw) if b is None else (dx, dw, _bias_grad(gc, b, channels_last=native))
 
     record(y, (x, w) if b is None else (x, w, b), backward)
     return y
