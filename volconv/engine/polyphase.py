@@ -137,15 +137,12 @@ def _plane_bytes(geom: ConvGeometry, axes, itemsize: int) -> int:
     return itemsize * axes[1].length * axes[2].length * (n_shifts * geom.O + n_phases * geom.C)
 
 
-def _slab_cap() -> int:
+def _planes_per_slab(geom: ConvGeometry, axes, itemsize: int) -> int:
     # (not the thread count: the slabs, and with them the GEMMs' shapes, are set by the
     # geometry and the cap alone)
-    return min(SLAB_TARGET_BYTES, config.workspace_bytes // 2)
-
-
-def _planes_per_slab(geom: ConvGeometry, axes, itemsize: int) -> int:
+    cap = min(SLAB_TARGET_BYTES, config.workspace_bytes // 2)
     plane = _plane_bytes(geom, axes, itemsize)
-    return int(max(1, min(axes[0].length, _slab_cap() // max(1, plane))))
+    return int(max(1, min(axes[0].length, cap // max(1, plane))))
 
 
 def _shift_dy(dy: np.ndarray, n: int, i0: int, i1: int, axes, U: np.ndarray) -> None:
