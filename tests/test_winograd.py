@@ -340,7 +340,7 @@ def test_weight_gradient_small_workspace_cap(workspace, rng):
     workspace(cap)
     geom = _geometry((2, 16, 9, 13, 11), 24, (1, 1, 1))
     plan = winograd._plan_weight(geom, 4, winograd._threads())
-    assert plan is not None and plan[-1] < plan[3]  # several blocks
+    assert plan is not None and plan.rb < plan.rows  # several blocks
     assert winograd.weight_workspace_bytes(geom, 4, winograd._threads()) <= cap
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     dy = rng.standard_normal(geom.out_shape).astype(np.float32)
@@ -364,7 +364,7 @@ def test_weight_gradient_output_channel_chunks(workspace, rng):
         plan = winograd._plan_weight(geom, 4, winograd._threads())
         x = rng.standard_normal(geom.in_shape).astype(np.float32)
         dy = rng.standard_normal(geom.out_shape).astype(np.float32)
-        assert plan is not None and (plan[6] < plan[5]) == (O == 80)  # ob < Op
+        assert plan is not None and (plan.ob < plan.Op) == (O == 80)  # output-channel chunks
         assert _dw_error(winograd.backward_weight(x, dy, geom), x, dy, geom, np.float32) <= C_DW_F4
 
 
@@ -401,7 +401,7 @@ def test_small_workspace_cap(workspace, rng):
     workspace(cap)
     geom = _geometry((2, 16, 9, 13, 11), 24, (1, 1, 1))
     plan = winograd._plan(geom, 4, winograd._threads())
-    assert plan is not None and plan[-1] < plan[3]  # several blocks
+    assert plan is not None and plan.rb < plan.rows  # several blocks
     assert winograd.workspace_bytes(geom, 4, winograd._threads()) <= cap
     x, w = _data(rng, geom, np.float32)
     winograd.forward(x, w, geom)  # compile / load the kernels outside the measurement
@@ -421,10 +421,49 @@ def test_output_channel_chunks(workspace, rng):
     geom = _geometry((1, 32, 4, 5, 6), 80, (1, 1, 1))
     workspace(3 << 20)
     plan = winograd._plan(geom, 4, winograd._threads())
-    assert plan is not None and plan[6] < plan[5]  # ob < Op
+    assert plan is not None and plan.ob < plan.Op  # output-channel chunks
     x, w = _data(rng, geom, np.float32)
     c = _rel_error(winograd.forward(x, w, geom), conv3d_reference(x, w, geom), geom, np.float32)
     assert c <= C_F4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunks_recomputed_for_every_block(workspace, rng, dtype):
+    """Under a cap that holds neither U nor Mw whole, several blocks each compute every
+    chunk of output channels again (forward), or transform and add their share of dw
+    (weight gradient): both match the references, within the cap."""
+    cap = 3 << 20
+    workspace(cap)
+    geom = _geometry((2, 24, 13, 14, 15), 96, (1, 1, 1))
+    x, w = _data(rng, geom, dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    isz = np.dtype(dtype).itemsize
+    for plan, planned in (
+        (winograd._plan(geom, isz, 2), winograd.workspace_bytes(geom, isz, 2)),
+        (winograd._plan_weight(geom, isz, 2), winograd.weight_workspace_bytes(geom, isz, 2)),
+    ):
+        assert plan is not None and not plan.whole and plan.rb < plan.rows  # chunks x blocks
+        assert planned <= cap
+    b = rng.standard_normal(geom.O).astype(dtype)
+    y = winograd.forward(x, w, geom, bias=b)
+    ref = conv3d_reference(x, w, geom) + b.reshape(1, -1, 1, 1, 1)
+    assert _rel_error(y, ref, geom, dtype) <= C_F4
+    assert _dw_error(winograd.backward_weight(x, dy, geom), x, dy, geom, dtype) <= C_DW_F4
+
+
+def test_chooser_takes_chunks_where_they_pay(algorithm, workspace):
+    """Under a 32 MiB cap C3D conv3a's U (27 MiB) goes in chunks, and Winograd still
+    pays; C3D conv5a's (F(2) on its depth of 2: 5.9 multiplications per output) does not."""
+    algorithm(None)
+    workspace(32 << 20)
+    f32 = np.dtype(np.float32)
+    c3d_conv3a = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
+    assert not winograd._plan(c3d_conv3a, 4, winograd._threads()).whole
+    assert engine.choose(c3d_conv3a, f32) == "winograd"
+    assert winograd.prefer_weight(c3d_conv3a, f32)
+    c3d_conv5a = _geometry((16, 512, 2, 7, 7), 512, (1, 1, 1))
+    assert winograd._plan(c3d_conv5a, 4, winograd._threads()) is not None
+    assert not winograd.prefer(c3d_conv5a, f32)
 
 
 def test_chooser(algorithm):

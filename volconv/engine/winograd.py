@@ -89,11 +89,25 @@ below) and numpy's batched matmul:
 - GEMM: ``np.matmul(V, U) -> M (P, T, Ob)``, P GEMMs per block;
 - output: the mirror image, A^T along W, H, D, then into ``y`` (cropped).
 
-Tile rows are processed in blocks sized so that ``U + V + M`` and the threads' scratch
-stay under ``volconv.config.workspace_bytes`` (and near ``BLOCK_TARGET_BYTES``); when
-``U`` alone passes half the cap, output channels go in chunks (the chooser then prefers
-the GEMM algorithms). Without numba :func:`supports` is False: per-position numpy
-transforms measured slower than the GEMM algorithms.
+Without numba :func:`supports` is False: per-position numpy transforms measured slower
+than the GEMM algorithms.
+
+Memory
+------
+Tile rows are processed in blocks sized so that everything stays under
+``volconv.config.workspace_bytes``: ``V + M`` aim at an eighth of the cap
+(``BLOCK_SHARE``; 8 MiB of the default 64 measured as fast as 24) but hold at least
+``MIN_BLOCK_TILES`` tiles (fewer made C3D conv3a's GEMMs 35-50% slower). ``U`` is 8x
+the weight for F(4x4x4, 3x3x3) (27 MiB at 128 -> 256 channels) and is held whole,
+computed once per call, when it takes at most half the cap. A larger one goes in chunks
+of output channels, each computed again for every block (``V`` once per block; the
+weight transform costs ~4.5 ms per 27 MiB of ``U``), so that ``V`` aims at the block
+share and a chunk's ``U + M`` at half the cap. The chooser takes such chunked plans
+where Winograd saves enough multiplications to pay for them (:func:`_chunks_pay`): C3D
+conv3a under a 32 MiB cap, forward 72 ms at 37 MiB against 54 ms at 63 MiB whole, and
+the in-plane unfolding's 160 ms there. Whole ``U`` and 64-tile blocks are why the
+128-256-channel layers peak above PyTorch's memory at the default cap (U-Net 16^3 level:
+56 MiB against 27; a 32 MiB cap: 31 MiB, forward 53 ms against 59 whole).
 
 Non-finite inputs spread through a tile's transforms (an Inf becomes NaN in every
 output of its tile), unlike direct convolution.
@@ -121,9 +135,9 @@ with the forward's own matrices. In 3-D, per transformed position ``p``:
   (``Mw`` is stored ``(P, O, C)`` or ``(P, C, O)``; 187 vs 150 GFLOP/s at 128 x 256);
 - ``_weight_out_worker``: G^T along W, H and D in float64, rounded once into ``dw``.
 
-``Mw (P, Cp, Ob)`` takes U's place in the workspace, with ``V`` and ``DY`` for a block
-(``WEIGHT_BLOCK_TARGET_BYTES``); output channels go in chunks when ``Mw`` passes half the
-cap (redoing the input transform per chunk, so :func:`prefer_weight` then declines).
+``Mw (P, Cp, Ob)`` takes U's place in the workspace, with ``V`` and ``DY`` for a block;
+when it cannot be held whole, each block's chunk of ``Mw`` (``beta = 0``) goes through
+G^T at once and is added to ``dw`` in float64 (the first block writes it).
 The tile sizes are the forward's: F(2) on every axis measured 1.3-2.3x slower (c3d_conv3a
 87 vs 61 ms, unet3d_enc2 330 vs 161, unet3d_deep 60 vs 44), for 4-8x smaller errors.
 
@@ -153,6 +167,8 @@ recomputed by the GEMM family, whose Inf/NaN propagation is exact; checking the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import config
@@ -170,14 +186,17 @@ FINITE_ONLY = True
 CB = 16
 #: Target bytes of one thread's transform scratch (sets the tiles per work item).
 SCRATCH_TARGET = 1536 << 10
-#: Target bytes of one block's transformed input + output (V + M). Smaller blocks keep
-#: them in cache; bigger ones make fewer, fatter GEMMs and re-read U less often.
-BLOCK_TARGET_BYTES = 24 << 20
+#: The transformed weight (``U``; ``Mw`` in the weight gradient, 8x the weight for
+#: F(4x4x4, 3x3x3)) is held whole when it takes at most the cap divided by this (32 MiB of
+#: the default 64); a larger one goes in chunks of output channels, computed again for
+#: every block (see "Memory" above).
+TRANSFORMED_WEIGHT_SHARE = 2
+#: A block's transformed input and output (``V + M``, or ``V + DY``) aim at the cap
+#: divided by this (8 MiB of the default 64). Smaller blocks keep them in cache; bigger
+#: ones make fewer, fatter GEMMs and re-read U less often.
+BLOCK_SHARE = 8
 #: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
 MIN_BLOCK_TILES = 64
-#: Target bytes of one weight-gradient block's V + DY (the GEMMs accumulate into Mw, so
-#: longer blocks mean fewer passes over it).
-WEIGHT_BLOCK_TARGET_BYTES = 24 << 20
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
 
@@ -286,8 +305,24 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     plan = _plan(geom, np.dtype(dtype).itemsize, _threads())
     if plan is None:
         return False
-    _, (_, _, TW), _, rows, _, Op, ob, _ = plan
-    return ob == Op and rows * TW >= MIN_TILES
+    return _chunks_pay(geom, plan) and plan.rows * plan.grid[2] >= MIN_TILES
+
+
+#: Multiplications per output (tile waste included) at which Winograd still pays for
+#: computing its transformed weight again for every block (a chunked plan, under a cap
+#: that cannot hold it whole). 27 direct; F(4x4x4, 3x3x3) 3.4. Measured at a 32 MiB cap
+#: (2 threads): C3D conv3a (3.4) forward 72 ms and backward 186 against the in-plane
+#: unfolding's 160 and 299; C3D conv5a (F(2) on its depth of 2, 5.9) 110-141 against 98.
+MAX_CHUNKED_MULTIPLICATIONS = 4.5
+
+
+def _chunks_pay(geom: ConvGeometry, plan: _Plan) -> bool:
+    """Whether the plan holds the transformed weight whole, or saves enough
+    multiplications to recompute its chunks per block (MAX_CHUNKED_MULTIPLICATIONS)."""
+    if plan.whole:
+        return True
+    per_output = plan.P / int(np.prod(plan.ms)) * tile_waste(geom)
+    return per_output <= MAX_CHUNKED_MULTIPLICATIONS
 
 
 #: The weight gradient needs 16 input channels too: with 8 the V lanes and GEMMs are
@@ -298,15 +333,15 @@ MIN_WEIGHT_CHANNELS = 16
 
 def prefer_weight(geom: ConvGeometry, dtype) -> bool:
     """Whether the engine should take Winograd's own weight gradient: where it prefers
-    the forward, with >= 16 input channels and ``Mw`` fitting the cap whole (no output
-    channel chunks, which would redo the input transform). Measured against the
+    the forward, with >= 16 input channels and ``Mw`` fitting the cap whole, or in
+    chunks where they pay (:func:`_chunks_pay`). Measured against the
     in-plane unfolding (2 threads): 1.6-1.9x faster on C3D conv3a and the U-Net 64^3
     and 16^3 levels, 1.4-1.8x with 16-32 channels at 32^3-64^3 (even at 16 channels on
     32^3)."""
     if geom.C < MIN_WEIGHT_CHANNELS or not prefer(geom, dtype):
         return False
     plan = _plan_weight(geom, np.dtype(dtype).itemsize, _threads())
-    return plan is not None and plan[6] == plan[5]
+    return plan is not None and _chunks_pay(geom, plan)
 
 
 def tile_sizes(geom: ConvGeometry) -> tuple[int, int, int]:
@@ -376,6 +411,30 @@ def _input_tiles(ms, Cp: int, TW: int, itemsize: int) -> int:
     return max(1, min(TW, SCRATCH_TARGET // (itemsize * per_tile) - 1))
 
 
+class _Plan(NamedTuple):
+    """Blocking of one Winograd pass (the forward, or the weight gradient)."""
+
+    ms: tuple[int, int, int]  # output tile size per axis
+    grid: tuple[int, int, int]  # tiles per axis and dilation phase (TD, TH, TW)
+    items: tuple[int, int]  # W tiles per input-side / output-side transform item
+    rows: int  # tile rows (N * dilation phases * TD * TH)
+    Cp: int  # input channels, padded to the CB lanes
+    Op: int  # output channels, padded to the CB lanes
+    ob: int  # output channels per chunk: Op, or a chunk recomputed for every block
+    rb: int  # tile rows per block
+    workspace: int  # bytes allocated besides the inputs and the output
+
+    @property
+    def P(self) -> int:
+        """Transformed positions of a tile."""
+        return int(np.prod(_points(self.ms)))
+
+    @property
+    def whole(self) -> bool:
+        """Whether the transformed weight (``U`` / ``Mw``) is held whole, for all blocks."""
+        return self.ob == self.Op
+
+
 def _block_rows(rows: int, TW: int, room: int, per_row: int, target: int) -> int:
     """Tile rows per block: near ``target`` bytes and within ``room``, but at least
     MIN_BLOCK_TILES tiles where the room allows."""
@@ -383,62 +442,71 @@ def _block_rows(rows: int, TW: int, room: int, per_row: int, target: int) -> int
     return int(max(rb, min(rows, _ceil(MIN_BLOCK_TILES, TW), room // per_row)))
 
 
-def _tiling(geom: ConvGeometry, itemsize: int):
-    """What the forward and weight-gradient plans share: tile sizes, the number ``P`` of
-    transformed positions, the tile grid, tile rows, lane-padded channels ``Cp``/``Op``
-    and the output-channel chunk ``Ob`` -- all of O when the transformed weight (``U``,
-    or ``Mw`` for the weight gradient) takes at most half the cap, else the largest
-    CB-multiple that does. None when the problem is empty (the engine answers without
-    an algorithm) or not even CB output channels fit."""
+def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"):
+    """Blocking such that everything a pass allocates fits ``workspace_bytes``: the
+    transformed weight ``U (P, Cp, Ob)`` (``Mw`` for the weight gradient), per block of
+    tile rows ``V (P, T, Cp)`` and ``M (P, T, Ob)`` (``DY``), and the threads' scratch.
+
+    The transformed weight is held whole when it takes at most the cap's
+    ``1 / TRANSFORMED_WEIGHT_SHARE``, and the blocks aim at ``1 / BLOCK_SHARE`` of it.
+    A larger one goes in chunks of output channels, computed again for every block
+    (see "Memory" in the module docstring): then ``V`` alone aims at the block share and
+    a chunk's ``U + M`` at the transformed-weight share. None when the problem is empty
+    (the engine answers without an algorithm) or not even one tile row and CB output
+    channels fit.
+    """
     if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
         return None
     ms = tile_sizes(geom)
     P = int(np.prod(_points(ms)))
     # per dilation phase (the outputs d*z' + r, one tile grid per phase r)
     TD, TH, TW = (_ceil(n, m) for n, m in zip(_phase_extents(geom), ms, strict=True))
+    rows = geom.N * int(np.prod(geom.dilation)) * TD * TH
     Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
-    half = config.workspace_bytes // 2
-    ob = Op
-    if P * Cp * Op * itemsize > half:
-        ob = half // (P * Cp * itemsize) // CB * CB
-        if ob < CB:
-            return None
-    phases = int(np.prod(geom.dilation))
-    return ms, P, (TD, TH, TW), geom.N * phases * TD * TH, Cp, Op, ob
-
-
-def _plan(geom: ConvGeometry, itemsize: int, threads: int):
-    """Blocking such that everything this algorithm allocates fits ``workspace_bytes``:
-    ``U (P, Cp, Ob)``, ``V (P, T, Cp)``, ``M (P, T, Ob)`` and the threads' scratch.
-    Returns ``(tile sizes, tile grid, W tiles per input / output item, tile rows, Cp,
-    Op, O chunk Ob, tile rows per block)``, or None when not even one tile row fits."""
-    common = _tiling(geom, itemsize)
-    if common is None:
-        return None
-    ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
     cap = config.workspace_bytes
-    out = _scratch_elems(ms, Cp, ob, 1, 1)[2]
+    share, target = cap // TRANSFORMED_WEIGHT_SHARE, cap // BLOCK_SHARE
     tin = _input_tiles(ms, Cp, TW, itemsize)
-    tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * out)))
-    scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
-    room = cap - scratch - P * Cp * ob * itemsize
-    per_row = P * (Cp + ob) * TW * itemsize
-    if room < per_row:
+
+    def scratch(ob: int) -> tuple[int, int]:
+        """W tiles per output-side item, and the bytes of all threads' scratch."""
+        if kind == "weight":
+            per_tile = _grad_scratch_elems(ms, ob, 1)
+            tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * per_tile)))
+            elems = max(_input_scratch_elems(ms, Cp, tin), _grad_scratch_elems(ms, ob, tout))
+        else:
+            per_tile = _scratch_elems(ms, Cp, ob, 1, 1)[2]
+            tout = max(1, min(TW, SCRATCH_TARGET // (itemsize * per_tile)))
+            elems = max(_scratch_elems(ms, Cp, ob, tin, tout))
+        return tout, threads * itemsize * elems
+
+    def total(ob: int, rb: int) -> int:
+        weight = P * Cp * ob * itemsize
+        blocks = scratch(ob)[1] + P * rb * TW * (Cp + ob) * itemsize
+        if kind == "weight":  # the G^T stage runs after V and DY are freed
+            blocks = max(blocks, _finish_bytes(ms, ob, threads))
+        return weight + blocks
+
+    if P * Cp * Op * itemsize <= share:
+        ob = Op
+        room = cap - scratch(ob)[1] - P * Cp * ob * itemsize
+        per_row = P * (Cp + ob) * TW * itemsize
+        rb = _block_rows(rows, TW, room, per_row, target) if room >= per_row else 0
+    else:
+        rb = _block_rows(rows, TW, cap, P * Cp * TW * itemsize, target)
+        ob = max(CB, min(Op - CB, share // (P * (Cp + rb * TW) * itemsize) // CB * CB))
+        while rb > 1 and total(ob, rb) > cap:
+            rb //= 2
+    if rb < 1 or total(ob, rb) > cap:
         return None
-    rb = _block_rows(rows, TW, room, per_row, BLOCK_TARGET_BYTES)
-    return ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, rb
+    return _Plan(ms, (TD, TH, TW), (tin, scratch(ob)[0]), rows, Cp, Op, ob, rb, total(ob, rb))
 
 
 def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
-    """Bytes this algorithm allocates besides its input, weight and output."""
+    """Bytes the forward allocates besides its input, weight and output."""
     plan = _plan(geom, itemsize, threads)
     if plan is None:
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
-    ms, grid, (tin, tout), rows, Cp, Op, ob, rb = plan
-    P = int(np.prod(_points(ms)))
-    tb = rb * grid[2]
-    scratch = threads * itemsize * max(_scratch_elems(ms, Cp, ob, tin, tout))
-    return scratch + itemsize * (P * Cp * ob + P * tb * (Cp + ob))
+    return plan.workspace
 
 
 def _grad_scratch_elems(ms, ob: int, tiles: int) -> int:
@@ -449,26 +517,8 @@ def _grad_scratch_elems(ms, ob: int, tiles: int) -> int:
 
 
 def _plan_weight(geom: ConvGeometry, itemsize: int, threads: int):
-    """Blocking of the weight gradient under ``workspace_bytes``: ``Mw (P, Cp, Ob)``,
-    ``V (P, T, Cp)``, ``DY (P, T, Ob)`` and the threads' scratch (the final G^T stage
-    runs after V and DY are freed, within what Mw leaves). Returns ``(tile sizes, tile
-    grid, W tiles per input / gradient item, tile rows, Cp, Op, O chunk Ob, tile rows per
-    block)``, or None when not even one tile row fits."""
-    common = _tiling(geom, itemsize)
-    if common is None:
-        return None
-    ms, P, (TD, TH, TW), rows, Cp, Op, ob = common
-    cap = config.workspace_bytes
-    tin = _input_tiles(ms, Cp, TW, itemsize)
-    tgr = max(1, min(TW, SCRATCH_TARGET // (itemsize * _grad_scratch_elems(ms, ob, 1))))
-    inp = _input_scratch_elems(ms, Cp, tin)
-    scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
-    room = cap - scratch - P * Cp * ob * itemsize
-    per_row = P * (Cp + ob) * TW * itemsize
-    if room < per_row or _finish_bytes(ms, ob, threads) > cap - P * Cp * ob * itemsize:
-        return None
-    rb = _block_rows(rows, TW, room, per_row, WEIGHT_BLOCK_TARGET_BYTES)
-    return ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, rb
+    """:func:`_plan` of the weight gradient."""
+    return _plan(geom, itemsize, threads, "weight")
 
 
 def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
@@ -476,13 +526,7 @@ def weight_workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) 
     plan = _plan_weight(geom, itemsize, threads)
     if plan is None:
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
-    ms, grid, (tin, tgr), rows, Cp, Op, ob, rb = plan
-    P = int(np.prod(_points(ms)))
-    mw = P * Cp * ob * itemsize
-    inp = _input_scratch_elems(ms, Cp, tin)
-    scratch = threads * itemsize * max(inp, _grad_scratch_elems(ms, ob, tgr))
-    blocks = scratch + itemsize * P * rb * grid[2] * (Cp + ob)
-    return mw + max(blocks, _finish_bytes(ms, ob, threads))
+    return plan.workspace
 
 
 def _finish_bytes(ms, lanes: int, threads: int) -> int:
@@ -711,11 +755,11 @@ def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
                         U[p0 + iw, c, j] = t3[iw, j]
 
 
-def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, dw):  # pragma: no cover - compiled
+def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, add, dw):  # pragma: no cover - compiled
     """``dw[o, c, (a, b, e)] = ((G_d^T (x) G_h^T (x) G_w^T) Mw[:, o - o0, c])[a, b, e]`` (or
     ``Mw[:, c, o - o0]`` when not ``o_first``) in float64, rounded once into ``dw (O, C,
-    27)``: the adjoint of :func:`_weight_worker`. An item is one row ``x`` of ``Mw (P, X,
-    Y)``, its ``Y`` lanes being the vector lanes."""
+    27)``, or added to it with ``add``: the adjoint of :func:`_weight_worker`. An item is
+    one row ``x`` of ``Mw (P, X, Y)``, its ``Y`` lanes being the vector lanes."""
     P, X, Y = Mw.shape
     O, C, nt = dw.shape
     md, mh, mw = ms[0], ms[1], ms[2]
@@ -738,7 +782,14 @@ def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, dw):  # pragma: no cov
                 _gt(mh, B, iz * ah * rw + e, rw, Cz, iz * rh * rw + e, rw, Y)
         for be in range(rh * rw):  # along D
             _gt(md, Cz, be, rh * rw, R, be, rh * rw, Y)
-        if o_first:
+        if add:  # in float64, rounded once
+            for k in range(ny):
+                for t in range(nt):
+                    if o_first:
+                        dw[o0 + x, k, t] = dw[o0 + x, k, t] + R[t, k]
+                    else:
+                        dw[o0 + k, x, t] = dw[o0 + k, x, t] + R[t, k]
+        elif o_first:
             for k in range(ny):
                 for t in range(nt):
                     dw[o0 + x, k, t] = R[t, k]
@@ -991,36 +1042,43 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
     plan = _plan(geom, dtype.itemsize, nw)
     if plan is None:  # pragma: no cover - supports() rejects these
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
-    ms, (TD, TH, TW), (tin, tout), rows, Cp, Op, ob, rb = plan
     O, C = geom.O, geom.C
-    P = int(np.prod(_points(ms)))
     x = np.ascontiguousarray(x)
     w3 = np.ascontiguousarray(w.reshape(O, C, geom.taps), dtype=dtype)
-    geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin, *geom.dilation)
-    geo_out = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tout, *geom.dilation)
+    geo_in, geo_out = _geos(geom, plan)
     y = np.empty(geom.out_shape, dtype=dtype)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
-    tb = rb * TW
+    P, Cp, ob, TW, tb = plan.P, plan.Cp, plan.ob, plan.grid[2], plan.rb * plan.grid[2]
     Ubuf = np.empty(P * Cp * ob, dtype=dtype)
     Vbuf = np.empty(P * tb * Cp, dtype=dtype)
     Mbuf = np.empty(P * tb * ob, dtype=dtype)
     with single_threaded_blas() as split:
-        for o0 in range(0, Op, ob):
-            o1 = min(Op, o0 + ob)
-            U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
-            _run(kernels["weight"], nw, w3, ms, o0, U)
-            for r0 in range(0, rows, rb):
-                r1 = min(rows, r0 + rb)
-                nb = (r1 - r0) * TW
-                V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+        if plan.whole:  # U once, for every block
+            _run(kernels["weight"], nw, w3, plan.ms, 0, Ubuf.reshape(P, Cp, ob))
+        for r0 in range(0, plan.rows, plan.rb):
+            r1 = min(plan.rows, r0 + plan.rb)
+            nb = (r1 - r0) * TW
+            V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+            _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+            for o0 in range(0, plan.Op, ob):
+                o1 = min(plan.Op, o0 + ob)
+                U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
+                if not plan.whole:  # this block's chunk of U, computed again
+                    _run(kernels["weight"], nw, w3, plan.ms, o0, U)
                 M = Mbuf[: P * nb * (o1 - o0)].reshape(P, nb, o1 - o0)
-                _run(kernels["input"], nw, x, geo_in, r0, r1, V)
                 # P GEMMs (nb x Cp) @ (Cp x Ob): numpy's matmul loops over P in C (the
                 # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
                 # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
                 _gemms(np.matmul, split, nw, V, U, M)
                 _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b)
     return y
+
+
+def _geos(geom: ConvGeometry, plan: _Plan) -> tuple[tuple, tuple]:
+    """The geometry tuples of the input-side and output-side transform kernels: tile grid,
+    tile sizes, low pads, W tiles per item and dilation."""
+    common = (*plan.grid, *plan.ms, *(p[0] for p in geom.pads))
+    return (*common, plan.items[0], *geom.dilation), (*common, plan.items[1], *geom.dilation)
 
 
 def _gemms(mm, split: bool, nw: int, V, U, M, beta: float = 0.0) -> None:
@@ -1032,10 +1090,10 @@ def _gemms(mm, split: bool, nw: int, V, U, M, beta: float = 0.0) -> None:
     with BLAS's own two threads, U-Net 16^3 48 vs 61)."""
 
     def share(p0: int, p1: int) -> None:
-        if beta:
-            mm(V[p0:p1], U[p0:p1], M[p0:p1], beta=beta)
-        else:
+        if mm is np.matmul:
             mm(V[p0:p1], U[p0:p1], out=M[p0:p1])
+        else:
+            mm(V[p0:p1], U[p0:p1], M[p0:p1], beta=beta)
 
     run_shares(share, V.shape[0], nw if split else 1)
 
@@ -1057,48 +1115,48 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     plan = _plan_weight(geom, dtype.itemsize, nw)
     if plan is None:  # pragma: no cover - supports() rejects these
         raise ValueError("winograd: the workspace cap cannot hold one tile row")
-    ms, (TD, TH, TW), (tin, tgr), rows, Cp, Op, ob, rb = plan
-    O, C = geom.O, geom.C
-    P = int(np.prod(_points(ms)))
     x = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(dy, dtype=dtype)
-    geo_in = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tin, *geom.dilation)
-    geo_gr = (TD, TH, TW, *ms, *(p[0] for p in geom.pads), tgr, *geom.dilation)
-    dw = np.empty((O, C, geom.taps), dtype=dtype)
-    tb = rb * TW
+    dw = np.empty((geom.O, geom.C, geom.taps), dtype=dtype)
     with single_threaded_blas() as split:
-        _weight_blocks(kernels, nw, split, x, dy, dw, plan, geo_in, geo_gr, tb, P)
+        _weight_blocks(kernels, nw, split, x, dy, dw, plan, *_geos(geom, plan))
     if not np.isfinite(dw).all():
         return _gemm_weight(x, dy, geom)
     return dw.reshape(geom.w_shape)
 
 
-def _weight_blocks(kernels, nw, split, x, dy, dw, plan, geo_in, geo_gr, tb, P) -> None:
-    """The blocked loop of :func:`backward_weight`, accumulating ``dw (O, C, taps)``."""
-    ms, _, _, rows, Cp, Op, ob, rb = plan
-    TW = geo_in[2]
+def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr) -> None:
+    """The blocked loop of :func:`backward_weight` into ``dw (O, C, taps)``: ``Mw`` whole,
+    accumulated over the blocks and transformed once at the end, or per chunk of output
+    channels and block, each transformed and added to ``dw`` in turn."""
+    P, Cp, ob, TW, tb = plan.P, plan.Cp, plan.ob, plan.grid[2], plan.rb * plan.grid[2]
     dtype = dw.dtype
-    for o0 in range(0, Op, ob):
-        L = min(Op, o0 + ob) - o0
-        # Mw (P, X, Y): Y, the lanes of BLAS's m, is the smaller of (C, O) (gemm_nt_acc)
-        o_first = Cp <= L
-        X, Y = (L, Cp) if o_first else (Cp, L)
-        Mw = np.zeros((P, X, Y), dtype=dtype)
-        Vbuf = np.empty(P * tb * Cp, dtype=dtype)
-        Dbuf = np.empty(P * tb * L, dtype=dtype)
-        for r0 in range(0, rows, rb):
-            r1 = min(rows, r0 + rb)
-            nb = (r1 - r0) * TW
-            V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+    # Mw (P, X, Y): Y, the lanes of BLAS's m, is the smaller of (C, O) (gemm_nt_acc)
+    o_first = Cp <= ob
+    Mbuf = np.zeros(P * Cp * ob, dtype=dtype)
+    Vbuf = np.empty(P * tb * Cp, dtype=dtype)
+    Dbuf = np.empty(P * tb * ob, dtype=dtype)
+    for r0 in range(0, plan.rows, plan.rb):
+        r1 = min(plan.rows, r0 + plan.rb)
+        nb = (r1 - r0) * TW
+        V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
+        _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+        for o0 in range(0, plan.Op, ob):
+            L = min(plan.Op, o0 + ob) - o0
+            X, Y = (L, Cp) if o_first else (Cp, L)
+            Mw = Mbuf[: P * X * Y].reshape(P, X, Y)
             DY = Dbuf[: P * nb * L].reshape(P, nb, L)
-            _run(kernels["input"], nw, x, geo_in, r0, r1, V)
             _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY)
             a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
-            # Mw[p] (X x Y) += b[p]^T @ a[p]
-            _gemms(gemm_batch, split, nw, b.transpose(0, 2, 1), a, Mw, beta=1.0)
+            # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the blocks
+            beta = 1.0 if plan.whole else 0.0
+            _gemms(gemm_batch, split, nw, b.transpose(0, 2, 1), a, Mw, beta=beta)
+            if not plan.whole:  # this chunk's share of dw; the first block writes it
+                _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, o0, r0 > 0, dw)
+    if plan.whole:
         del Vbuf, Dbuf, V, DY, a, b
-        _run(kernels["weight_out"], nw, Mw, ms, o_first, o0, dw)
-        del Mw
+        Mw = Mbuf.reshape(P, *((plan.Op, Cp) if o_first else (Cp, plan.Op)))
+        _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, 0, False, dw)
 
 
 def _gemm_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
