@@ -106,6 +106,26 @@ def test_depth_slabs_give_the_same_forward(name, workspace):
     np.testing.assert_allclose(hwunfold.forward(x, w, geom), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["i3d-like", "r3d-like", "pads-beyond-kernel", "large-plane-rows"])
+def test_tap_rows_relay_one_tap_at_a_time_past_the_share(name, workspace, monkeypatch):
+    """A ``W''`` over the cap's ROW_WEIGHTS_SHARE is re-laid a depth tap at a time, right
+    before that tap's GEMM: the same forward as with ``W''`` whole (C3D conv5a's case)."""
+    geom = _geometry(name)
+    assert hwunfold._tap_rows(geom)
+    x, w, _ = _data(geom, np.float64)
+    assert hwunfold._whole_row_weights(geom, 8)
+    whole = hwunfold.forward(x, w, geom)
+    taps = []
+    real = hwunfold._tap_weights
+    monkeypatch.setattr(
+        hwunfold, "_tap_weights", lambda w, g, a, s: taps.append(a) or real(w, g, a, s)
+    )
+    monkeypatch.setattr(hwunfold, "ROW_WEIGHTS_SHARE", 10**9)  # W'' never fits
+    assert not hwunfold._whole_row_weights(geom, 8)
+    np.testing.assert_allclose(hwunfold.forward(x, w, geom), whole, rtol=1e-12, atol=1e-12)
+    assert set(taps) == set(range(geom.kernel[0]))
+
+
 @pytest.mark.parametrize("name", ["c3d-like", "unet-like", "depth-strided"])
 def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
     """Slabs of the threaded tap-columns forward and weight gradient one output plane

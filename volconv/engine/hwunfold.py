@@ -71,7 +71,14 @@ from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f, own_threads, single_threaded_blas
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
-from ._slabs import Slab, gather_block, parallel_copy, plan_slabs, scatter_block_add
+from ._slabs import (
+    Slab,
+    copy_parallel,
+    gather_block,
+    parallel_copy,
+    plan_slabs,
+    scatter_block_add,
+)
 
 NAME = "hwunfold"
 
@@ -213,6 +220,29 @@ def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     kd, kh, kw = geom.kernel
     w5 = w.reshape(geom.O, geom.C, kd, kh, kw)[:, :, ::-1].transpose(2, 0, 1, 3, 4)
     return parallel_copy(w5, axis=1).reshape(kd * geom.O, geom.C * kh * kw)
+
+
+#: Tap rows hold the re-laid ``W''`` whole only while it takes at most the cap divided
+#: by this (16 MiB of the default 64); a larger one is re-laid one depth tap at a time,
+#: right before that tap's GEMM (C3D conv5a, 512 channels: 28 MB whole, 9.4 MB a tap;
+#: forward peak 47 -> 27 MiB, PyTorch's 33, at the same speed: the batched planes' GEMMs
+#: are ~20 times longer than a tap's copy).
+ROW_WEIGHTS_SHARE = 4
+
+
+def _whole_row_weights(geom: ConvGeometry, itemsize: int) -> bool:
+    """Whether tap rows re-lay ``W''`` whole (see ROW_WEIGHTS_SHARE)."""
+    return geom.O * geom.C * geom.taps * itemsize <= config.workspace_bytes // ROW_WEIGHTS_SHARE
+
+
+def _tap_weights(w: np.ndarray, geom: ConvGeometry, a: int, scratch) -> np.ndarray:
+    """Depth tap ``a``'s rows of ``W''``, ``w[:, :, a]`` as ``(O, C*kh*kw)``, re-laid into
+    the scratch buffer ``"tap"`` on the engine's threads."""
+    kd, kh, kw = geom.kernel
+    buf = scratch.get("tap", (geom.O, geom.C * kh * kw))
+    src = w.reshape(geom.O, geom.C, kd, kh * kw)[:, :, a]
+    copy_parallel(buf.reshape(geom.O, geom.C, kh * kw), src, axis=0)
+    return buf
 
 
 def _geo(geom: ConvGeometry, nb: int) -> np.ndarray:
@@ -689,11 +719,11 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
     with the next). Batched small planes keep one slab at a time and multithreaded
     GEMMs (c3d_conv5a: 64 against 77 ms threaded: smaller slabs, narrower GEMMs)."""
     isz, dtype = x.itemsize, x.dtype
-    wm = _row_weights(w, geom)
+    wm = _row_weights(w, geom) if _whole_row_weights(geom, isz) else None
     if not numba_available() or _max_batch(geom) > 1:
         scratch = _Scratch(dtype)  # the slabs' buffers, reused from slab to slab
         for slab in _slabs(geom, isz, rows=True):
-            _tap_rows_slab(x, wm, geom, out, column, slab, scratch)
+            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch)
         return
     cap = min(THREADED_SLAB_BYTES, config.workspace_bytes // 2)
     slabs = list(plan_slabs(geom, _cost(geom, isz, rows=True), cap))
@@ -701,17 +731,18 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
     def work(task: int, ntasks: int) -> None:
         scratch = _Scratch(dtype)
         for slab in slabs[task::ntasks]:
-            _tap_rows_slab(x, wm, geom, out, column, slab, scratch)
+            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch)
 
     with single_threaded_blas():
         run_tasks(work, _threads(interleaved=False))
 
 
-def _tap_rows_slab(x, wm, geom: ConvGeometry, out, column, slab: Slab, scratch) -> None:
+def _tap_rows_slab(x, w, wm, geom: ConvGeometry, out, column, slab: Slab, scratch) -> None:
     """Tap rows on one slab: each input plane is unfolded (on this thread) just before
     its GEMM; each output plane is zeroed (or set to the bias ``column (O, 1)``) just
     before its first GEMM and copied out just after its last (all three while it is in
-    cache)."""
+    cache). With ``wm`` None (a ``W''`` too large to hold whole), each depth tap's rows
+    are re-laid from ``w`` just before its own GEMM."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, lo = geom.kernel[0], geom.pads[0][0]
     K2 = geom.C * geom.kernel[1] * geom.kernel[2]
@@ -725,14 +756,17 @@ def _tap_rows_slab(x, wm, geom: ConvGeometry, out, column, slab: Slab, scratch) 
             acc[zeroed - slab.d0 : z1 - slab.d0] = 0 if column is None else column
             zeroed = max(zeroed, z1)
             _unfold_into(col, x, geom, slab, q, interleaved=True)
-            # Fortran: acc[z0:z1]^T (P x rows) += col_q^T (P x K2) @ W''[r0:]^T (K2 x rows)
-            gemm_f(
-                dtype, False, False, P, (z1 - z0) * O, K2,
-                col.ctypes.data, ld,
-                wm.ctypes.data + r0 * K2 * isz, K2,
-                acc.ctypes.data + (z0 - slab.d0) * O * P * isz, P,
-                1.0,
-            )  # fmt: skip
+            # Fortran: acc[z0:z1]^T (P x rows) += col_q^T (P x K2) @ W''[r0:]^T (K2 x rows),
+            # at once, or tap by tap (z, a = q + lo - z) from each tap's re-laid rows
+            for za, zb in [(z0, z1)] if wm is not None else [(z, z + 1) for z in range(z0, z1)]:
+                rows = wm[r0:] if wm is not None else _tap_weights(w, geom, q + lo - za, scratch)
+                gemm_f(
+                    dtype, False, False, P, (zb - za) * O, K2,
+                    col.ctypes.data, ld,
+                    rows.ctypes.data, K2,
+                    acc.ctypes.data + (za - slab.d0) * O * P * isz, P,
+                    1.0,
+                )  # fmt: skip
         last = slab.d1 if q == q1 - 1 else min(slab.d1, q + lo - kd + 2)
         for z in range(done, last):  # complete: no later input plane feeds them
             if z < zeroed:
