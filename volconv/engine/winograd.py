@@ -96,7 +96,8 @@ Memory
 ------
 Tile rows are processed in blocks sized so that everything stays under
 ``volconv.config.workspace_bytes``: ``V + M`` aim at an eighth of the cap
-(``BLOCK_SHARE``; 8 MiB of the default 64 measured as fast as 24) but hold at least
+(``BLOCK_FRACTION``; 8 MiB of the default 64 measured as fast as 24; the weight
+gradient's ``V + DY`` at ``WEIGHT_BLOCK_FRACTION``) but hold at least
 ``MIN_BLOCK_TILES`` tiles (fewer made C3D conv3a's GEMMs 35-50% slower). ``U`` is 8x
 the weight for F(4x4x4, 3x3x3) (27 MiB at 128 -> 256 channels) and is held whole,
 computed once per call, when it takes at most half the cap. A larger one goes in chunks
@@ -191,10 +192,14 @@ SCRATCH_TARGET = 1536 << 10
 #: the default 64); a larger one goes in chunks of output channels, computed again for
 #: every block (see "Memory" above).
 TRANSFORMED_WEIGHT_SHARE = 2
-#: A block's transformed input and output (``V + M``, or ``V + DY``) aim at the cap
-#: divided by this (8 MiB of the default 64). Smaller blocks keep them in cache; bigger
-#: ones make fewer, fatter GEMMs and re-read U less often.
-BLOCK_SHARE = 8
+#: A block's transformed input and output (``V + M``) aim at this fraction of the cap
+#: (8 MiB of the default 64; 24 MiB measured no faster). Smaller blocks keep them in
+#: cache; bigger ones make fewer, fatter GEMMs and re-read U less often.
+BLOCK_FRACTION = 1 / 8
+#: The weight gradient's blocks (``V + DY``) aim at this fraction of the cap (24 MiB of the
+#: default 64): its GEMMs reduce over a block's tiles, and 8 MiB blocks measured 20-40%
+#: slower (dilated_d2, unet3d_enc2).
+WEIGHT_BLOCK_FRACTION = 3 / 8
 #: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
 MIN_BLOCK_TILES = 64
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
@@ -448,7 +453,8 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
     tile rows ``V (P, T, Cp)`` and ``M (P, T, Ob)`` (``DY``), and the threads' scratch.
 
     The transformed weight is held whole when it takes at most the cap's
-    ``1 / TRANSFORMED_WEIGHT_SHARE``, and the blocks aim at ``1 / BLOCK_SHARE`` of it.
+    ``1 / TRANSFORMED_WEIGHT_SHARE``, and the blocks aim at ``BLOCK_FRACTION`` of it
+    (``WEIGHT_BLOCK_FRACTION`` in the weight gradient).
     A larger one goes in chunks of output channels, computed again for every block
     (see "Memory" in the module docstring): then ``V`` alone aims at the block share and
     a chunk's ``U + M`` at the transformed-weight share. None when the problem is empty
@@ -464,7 +470,8 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
     rows = geom.N * int(np.prod(geom.dilation)) * TD * TH
     Cp, Op = _ceil(geom.C, CB) * CB, _ceil(geom.O, CB) * CB
     cap = config.workspace_bytes
-    share, target = cap // TRANSFORMED_WEIGHT_SHARE, cap // BLOCK_SHARE
+    share = cap // TRANSFORMED_WEIGHT_SHARE
+    target = int(cap * (BLOCK_FRACTION if kind == "forward" else WEIGHT_BLOCK_FRACTION))
     tin = _input_tiles(ms, Cp, TW, itemsize)
 
     def scratch(ob: int) -> tuple[int, int]:
