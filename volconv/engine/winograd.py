@@ -1065,30 +1065,38 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
     geo_in, geo_out = _geos(geom, plan)
     y = np.empty(geom.out_shape, dtype=dtype)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
-    P, Cp, ob, TW, tb = plan.P, plan.Cp, plan.ob, plan.grid[2], plan.rb * plan.grid[2]
+    P, Cp, ob, tb = plan.P, plan.Cp, plan.ob, plan.rb * plan.grid[2]
     Ubuf = np.empty(P * Cp * ob, dtype=dtype)
     Vbuf = np.empty(P * tb * Cp, dtype=dtype)
     Mbuf = np.empty(P * tb * ob, dtype=dtype)
     with single_threaded_blas() as split:
         if plan.whole:  # U once, for every block
             _run(kernels["weight"], nw, w3, plan.ms, 0, Ubuf.reshape(P, Cp, ob))
-        for r0 in range(0, plan.rows, plan.rb):
-            r1 = min(plan.rows, r0 + plan.rb)
-            nb = (r1 - r0) * TW
-            V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
-            _run(kernels["input"], nw, x, geo_in, r0, r1, V)
-            for o0 in range(0, plan.Op, ob):
-                o1 = min(plan.Op, o0 + ob)
-                U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
-                if not plan.whole:  # this block's chunk of U, computed again
-                    _run(kernels["weight"], nw, w3, plan.ms, o0, U)
-                M = Mbuf[: P * nb * (o1 - o0)].reshape(P, nb, o1 - o0)
-                # P GEMMs (nb x Cp) @ (Cp x Ob): numpy's matmul loops over P in C (the
-                # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
-                # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
-                _gemms(np.matmul, split, nw, V, U, M)
-                _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b)
+        for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf):
+            nb = V.shape[1]
+            U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
+            if not plan.whole:  # this block's chunk of U, computed again
+                _run(kernels["weight"], nw, w3, plan.ms, o0, U)
+            M = Mbuf[: P * nb * (o1 - o0)].reshape(P, nb, o1 - o0)
+            # P GEMMs (nb x Cp) @ (Cp x Ob): numpy's matmul loops over P in C (the
+            # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
+            # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
+            _gemms(np.matmul, split, nw, V, U, M)
+            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b)
     return y
+
+
+def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf):
+    """``(r0, r1, V, o0, o1)`` for every block of tile rows ``[r0, r1)`` and chunk of
+    output channels ``[o0, o1)``, with ``V`` the block's transformed input (computed once
+    per block, in ``Vbuf``)."""
+    P, Cp, TW = plan.P, plan.Cp, plan.grid[2]
+    for r0 in range(0, plan.rows, plan.rb):
+        r1 = min(plan.rows, r0 + plan.rb)
+        V = Vbuf[: P * (r1 - r0) * TW * Cp].reshape(P, (r1 - r0) * TW, Cp)
+        _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+        for o0 in range(0, plan.Op, plan.ob):
+            yield r0, r1, V, o0, min(plan.Op, o0 + plan.ob)
 
 
 def _geos(geom: ConvGeometry, plan: _Plan) -> tuple[tuple, tuple]:
@@ -1146,30 +1154,26 @@ def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr) -
     """The blocked loop of :func:`backward_weight` into ``dw (O, C, taps)``: ``Mw`` whole,
     accumulated over the blocks and transformed once at the end, or per chunk of output
     channels and block, each transformed and added to ``dw`` in turn."""
-    P, Cp, ob, TW, tb = plan.P, plan.Cp, plan.ob, plan.grid[2], plan.rb * plan.grid[2]
+    P, Cp, ob, tb = plan.P, plan.Cp, plan.ob, plan.rb * plan.grid[2]
     dtype = dw.dtype
     # Mw (P, X, Y): Y, the lanes of BLAS's m, is the smaller of (C, O) (gemm_nt_acc)
     o_first = Cp <= ob
     Mbuf = np.zeros(P * Cp * ob, dtype=dtype)
     Vbuf = np.empty(P * tb * Cp, dtype=dtype)
     Dbuf = np.empty(P * tb * ob, dtype=dtype)
-    for r0 in range(0, plan.rows, plan.rb):
-        r1 = min(plan.rows, r0 + plan.rb)
-        nb = (r1 - r0) * TW
-        V = Vbuf[: P * nb * Cp].reshape(P, nb, Cp)
-        _run(kernels["input"], nw, x, geo_in, r0, r1, V)
-        for o0 in range(0, plan.Op, ob):
-            L = min(plan.Op, o0 + ob) - o0
-            X, Y = (L, Cp) if o_first else (Cp, L)
-            Mw = Mbuf[: P * X * Y].reshape(P, X, Y)
-            DY = Dbuf[: P * nb * L].reshape(P, nb, L)
-            _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY)
-            a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
-            # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the blocks
-            beta = 1.0 if plan.whole else 0.0
-            _gemms(gemm_batch, split, nw, b.transpose(0, 2, 1), a, Mw, beta=beta)
-            if not plan.whole:  # this chunk's share of dw; the first block writes it
-                _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, o0, r0 > 0, dw)
+    for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf):
+        nb = V.shape[1]
+        L = o1 - o0
+        X, Y = (L, Cp) if o_first else (Cp, L)
+        Mw = Mbuf[: P * X * Y].reshape(P, X, Y)
+        DY = Dbuf[: P * nb * L].reshape(P, nb, L)
+        _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY)
+        a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
+        # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the blocks
+        beta = 1.0 if plan.whole else 0.0
+        _gemms(gemm_batch, split, nw, b.transpose(0, 2, 1), a, Mw, beta=beta)
+        if not plan.whole:  # this chunk's share of dw; the first block writes it
+            _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, o0, r0 > 0, dw)
     if plan.whole:
         del Vbuf, Dbuf, V, DY, a, b
         Mw = Mbuf.reshape(P, *((plan.Op, Cp) if o_first else (Cp, plan.Op)))
