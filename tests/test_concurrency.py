@@ -283,3 +283,28 @@ def test_run_shares_covers_the_range_once(n, nw, per_thread):
     run_shares(share, n, nw, per_thread=per_thread)
     assert sorted(i for lo, hi in seen for i in range(lo, hi)) == list(range(n))
     assert len(seen) <= max(1, nw * per_thread)
+
+
+def test_run_tasks_inside_a_task_runs_on_the_calling_thread():
+    """A parallel-for inside a task (a copy on the engine's threads within a threaded
+    slab) runs all its tasks once, on that thread, instead of waiting forever for pool
+    threads busy with the outer tasks. Run on a watchdog thread so that a regression
+    fails here rather than hanging the suite."""
+    from volconv.engine._numba_runtime import run_tasks
+
+    seen, lock, done = [], threading.Lock(), []
+
+    def inner(task, ntasks, outer_task):
+        with lock:
+            seen.append((outer_task, task, ntasks, threading.get_ident()))
+
+    def outer(task, ntasks):
+        caller = threading.get_ident()
+        run_tasks(inner, 2, task)
+        assert all(t[3] == caller for t in seen if t[0] == task)
+
+    watchdog = threading.Thread(target=lambda: (run_tasks(outer, 2), done.append(1)), daemon=True)
+    watchdog.start()
+    watchdog.join(timeout=30)
+    assert done == [1], "nested run_tasks did not finish"
+    assert sorted(t[:3] for t in seen) == [(o, i, 8) for o in range(8) for i in range(8)]

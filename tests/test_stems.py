@@ -17,7 +17,7 @@ from tracing import scratch_bytes
 
 import volconv
 from volconv import engine
-from volconv.engine import _numba_runtime, hwunfold, im2col
+from volconv.engine import _numba_runtime, _slabs, hwunfold, im2col
 from volconv.engine._args import conv_geometry
 from volconv.engine.reference import conv3d_reference
 
@@ -121,6 +121,8 @@ def test_tap_rows_relay_one_tap_at_a_time_past_the_share(name, workspace, monkey
         hwunfold, "_tap_weights", lambda w, g, a, s: taps.append(a) or real(w, g, a, s)
     )
     monkeypatch.setattr(hwunfold, "ROW_WEIGHTS_SHARE", 10**9)  # W'' never fits
+    # each tap copied on the engine's threads, also from inside the threaded slabs
+    monkeypatch.setattr(_slabs, "PARALLEL_COPY_BYTES", 0)
     assert not hwunfold._whole_row_weights(geom, 8)
     np.testing.assert_allclose(hwunfold.forward(x, w, geom), whole, rtol=1e-12, atol=1e-12)
     assert set(taps) == set(range(geom.kernel[0]))

@@ -101,12 +101,18 @@ def run_shares(fn, n: int, nw: int, per_thread: int = TASKS_PER_THREAD) -> None:
 
 def run_tasks(kernel, nw: int, *args, per_thread: int = TASKS_PER_THREAD) -> None:
     """``kernel(task, ntasks, *args)`` for every task, on ``nw`` threads (``per_thread``
-    tasks each)."""
+    tasks each). Called from inside a task, the tasks run on the calling thread: the
+    pool's threads may all be busy with the outer tasks, and waiting for them there
+    would never end (a copy on the engine's threads inside a threaded slab)."""
     global _pool
     if nw <= 1:
         kernel(0, 1, *args)
         return
     ntasks = nw * per_thread
+    if in_task():
+        for task in range(ntasks):
+            kernel(task, ntasks, *args)
+        return
     with _pool_lock:
         if _pool is None or _pool._max_workers < nw - 1:
             _pool = ThreadPoolExecutor(max_workers=nw - 1, thread_name_prefix="volconv")
