@@ -225,8 +225,9 @@ def _row_weights(w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 #: Tap rows hold the re-laid ``W''`` whole only while it takes at most the cap divided
 #: by this (16 MiB of the default 64); a larger one is re-laid one depth tap at a time,
 #: right before that tap's GEMM (C3D conv5a, 512 channels: 28 MB whole, 9.4 MB a tap;
-#: forward peak 47 -> 27 MiB, PyTorch's 33, at the same speed: the batched planes' GEMMs
-#: are ~20 times longer than a tap's copy).
+#: forward peak 46.9 -> 28.9 MiB, PyTorch's 33.2, but 97 -> 108 ms: its four tap copies
+#: take ~6 ms like the whole one, while GEMMs of 512 rows run at 146 GFLOP/s against 173
+#: for the 1024 rows of two taps at once).
 ROW_WEIGHTS_SHARE = 4
 
 
