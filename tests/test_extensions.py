@@ -574,6 +574,31 @@ def test_ndhwc_native_path_only_where_it_applies(algorithm):
     assert not engine.channels_last(pw)
 
 
+def test_ndhwc_native_winograd_only_where_it_is_chosen(algorithm, monkeypatch):
+    """3x3x3 layers are computed channels-last where the forward is Winograd's: not for
+    few channels, nor a strided layer, nor under a forced other algorithm or autotuning."""
+    from volconv.engine import _autotune, winograd
+
+    if not winograd.numba_available():
+        pytest.skip("numba is not installed")
+    one, pads = (1, 1, 1), ((1, 1),) * 3
+    dense = conv_geometry((1, 16, 16, 16, 16), (1, 16, 16, 3, 3, 3), one, pads, one, 1)
+    few = conv_geometry((1, 3, 12, 12, 12), (1, 16, 3, 3, 3, 3), one, pads, one, 1)
+    strided = conv_geometry((1, 16, 12, 12, 12), (1, 16, 16, 3, 3, 3), (2, 2, 2), pads, one, 1)
+    algorithm(None)
+    assert engine.channels_last(dense, np.float32)
+    assert engine.channels_last(dense, np.float64)
+    assert not engine.channels_last(few, np.float32)
+    assert not engine.channels_last(strided, np.float32)
+    monkeypatch.setattr(_autotune, "active", lambda: True)
+    assert not engine.channels_last(dense, np.float32)
+    monkeypatch.undo()
+    algorithm("im2col")
+    assert not engine.channels_last(dense, np.float32)
+    algorithm("winograd")
+    assert engine.channels_last(dense, np.float32)
+
+
 @pytest.mark.parametrize("to_last", [True, False])
 @pytest.mark.parametrize(
     "dtype,out_dtype",

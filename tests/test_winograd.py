@@ -540,3 +540,144 @@ def test_threads_give_the_serial_result_bitwise(algorithm, rng):
     assert len(out) == 12
     for y in out.values():
         np.testing.assert_array_equal(y, serial)
+
+
+# ---- channels-last: the transforms read and write NDHWC as it lies ------------------------
+def _last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 4, 1))
+
+
+CHANNELS_LAST = {  # name: (x shape, out channels, pads, dilation, kernel, cap or None)
+    "mixed_pads": ((2, 5, 6, 7, 9), 3, ((0, 0), (1, 1), (2, 2)), (1, 1, 1), (3, 3, 3), None),
+    "partial_tiles": ((2, 24, 2, 9, 7), 17, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), None),
+    "negative_pads": ((1, 6, 7, 8, 9), 5, ((-1, 2), (2, -1), (0, 1)), (1, 1, 1), (3, 3, 3), None),
+    "in_plane": ((1, 16, 4, 11, 10), 12, ((0, 0), (1, 1), (1, 1)), (1, 1, 1), (1, 3, 3), None),
+    "dilated": ((1, 16, 13, 14, 15), 8, ((2, 2),) * 3, (2, 2, 2), (3, 3, 3), None),
+    "odd_channels": ((1, 19, 6, 7, 8), 21, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), None),
+    # several blocks, each computing every chunk of U again (Mw likewise)
+    "chunks_x_blocks": ((2, 24, 13, 14, 15), 96, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), 3 << 20),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(CHANNELS_LAST))
+def test_channels_last_equals_ncdhw_bitwise(workspace, tile, name, dtype):
+    """NDHWC in, NDHWC out: the forward (with its bias), the weight gradient and the input
+    gradient (the adjoint's forward) equal the NCDHW computations bit for bit (the same
+    arithmetic: only the gathers and scatters change), and leave their inputs alone."""
+    x_shape, O, pads, dilation, kernel, cap = CHANNELS_LAST[name]
+    tile(None)
+    geom = conv_geometry(x_shape, (1, O, x_shape[1], *kernel), (1, 1, 1), pads, dilation, 1)
+    isz = np.dtype(dtype).itemsize
+    if cap is not None:  # (float64: twice the bytes)
+        workspace(cap * isz // 4)
+        for plan in (winograd._plan(geom, isz, 2), winograd._plan_weight(geom, isz, 2)):
+            assert not plan.whole and plan.rb < plan.rows
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x, w = _data(rng, geom, dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    b = rng.standard_normal(geom.O).astype(dtype)
+    xl, dyl = _last(x), _last(dy)
+    xl0, dyl0 = xl.copy(), dyl.copy()
+    y = winograd.forward(xl, w, geom, bias=b, channels_last=True)
+    assert y.shape == (geom.N, *geom.spatial_out, geom.O) and y.flags.c_contiguous
+    np.testing.assert_array_equal(y, _last(winograd.forward(x, w, geom, bias=b)))
+    dw = winograd.backward_weight(xl, dyl, geom, channels_last=True)
+    np.testing.assert_array_equal(dw, winograd.backward_weight(x, dy, geom))
+    adjoint, flipped = engine.transposed_geometry(geom), engine.flip_weight(w)
+    dx = winograd.forward(dyl, flipped, adjoint, channels_last=True)
+    np.testing.assert_array_equal(dx, _last(winograd.forward(dy, flipped, adjoint)))
+    np.testing.assert_array_equal(xl, xl0)
+    np.testing.assert_array_equal(dyl, dyl0)
+
+
+def _no_transposes(monkeypatch):
+    """Make every NCDHW <-> NDHWC transpose of the library fail the test."""
+    from volconv.functional import _padding
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transpose_channels called")
+
+    for module in (engine, winograd, _padding):
+        monkeypatch.setattr(module, "transpose_channels", refuse)
+
+
+def test_channels_last_layer_is_never_transposed(algorithm, monkeypatch, rng):
+    """``conv3d(format="NDHWC")`` on a Winograd layer, forward and all three gradients,
+    without one transpose; the results equal the NCDHW layer's bit for bit (the bias
+    gradient, summed in another order, within a float32 sum's bound)."""
+    from volconv.autodiff import GradManager
+
+    algorithm(None)
+    x = rng.standard_normal((1, 16, 12, 13, 14)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal((1, 24, 1, 1, 1)).astype(np.float32)
+    dy = rng.standard_normal((1, 24, 12, 13, 14)).astype(np.float32)
+    geom = _geometry(x.shape, 24, (1, 1, 1))
+    assert engine.channels_last(geom, np.float32)
+    assert winograd.prefer_weight(geom, np.float32)
+
+    def run(xa, dya, fmt):
+        xt, wt, bt = (volconv.Parameter(a) for a in (xa, w, b))
+        gm = GradManager().attach([xt, wt, bt])
+        with gm:
+            y = volconv.functional.conv3d(xt, wt, bt, padding=1, format=fmt)
+            gm.backward(y, volconv.tensor(dya))
+        return y.numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()
+
+    want = run(x, dy, "NCDHW")
+    with monkeypatch.context() as patch:
+        _no_transposes(patch)
+        got = run(_last(x), _last(dy), "NDHWC")
+    np.testing.assert_array_equal(got[0], _last(want[0]))
+    np.testing.assert_array_equal(got[1], _last(want[1]))
+    np.testing.assert_array_equal(got[2], want[2])
+    # the bias gradient sums dy in another order: both within the worst-case bound of a
+    # float32 sum of n terms (n eps max|dy|) of the float64 sum
+    n = dy.size // dy.shape[1]
+    db = dy.astype(np.float64).sum(axis=(0, 2, 3, 4)).reshape(b.shape)
+    atol = n * float(np.finfo(np.float32).eps) * float(np.abs(dy).max())
+    for grad in (got[3], want[3]):
+        np.testing.assert_allclose(grad, db, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("bad", ["x", "w", "dy"])
+def test_channels_last_non_finite_goes_through_ncdhw(algorithm, rng, bad):
+    """An Inf/NaN sends each NDHWC pass to the GEMM family in NCDHW (between transposes),
+    as it does the NCDHW passes: the same results, NaN for NaN."""
+    algorithm(None)
+    geom = _geometry((1, 16, 12, 13, 14), 16, (1, 1, 1))
+    x, w = _data(rng, geom, np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    target = {"x": x, "w": w, "dy": dy}[bad]
+    target[(0, 3, 2, 1, 1, 1)[: target.ndim]] = np.inf
+    assert engine.channels_last(geom, np.float32)
+    pairs = (
+        (engine.ndhwc_forward(_last(x), w, geom), _last(engine.conv3d_forward(x, w, geom))),
+        (engine.ndhwc_backward_input(_last(dy), w, geom),
+         _last(engine.conv3d_backward_input(dy, w, geom))),
+        (engine.ndhwc_backward_weight(_last(x), _last(dy), geom),
+         engine.conv3d_backward_weight(x, dy, geom)),
+    )  # fmt: skip
+    for got, want in pairs:
+        np.testing.assert_array_equal(got, want)
+    assert not all(np.isfinite(got).all() for got, _ in pairs)
+
+
+def test_channels_last_gradients_that_are_not_winograd(algorithm, rng):
+    """Eight input channels: Winograd's forward, but a GEMM weight gradient and GEMM +
+    col2im input gradient (the NCDHW choices): NDHWC gives the NCDHW results."""
+    algorithm(None)
+    geom = _geometry((1, 8, 12, 13, 14), 16, (1, 1, 1))
+    x, w = _data(rng, geom, np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    assert engine.channels_last(geom, np.float32)
+    assert not winograd.prefer_weight(geom, np.float32)
+    np.testing.assert_array_equal(
+        engine.ndhwc_backward_weight(_last(x), _last(dy), geom),
+        engine.conv3d_backward_weight(x, dy, geom),
+    )
+    np.testing.assert_array_equal(
+        engine.ndhwc_backward_input(_last(dy), w, geom),
+        _last(engine.conv3d_backward_input(dy, w, geom)),
+    )

@@ -66,6 +66,7 @@ from . import (
     winograd,
 )
 from ._args import ConvGeometry, conv_geometry, dilated_extent
+from ._layout import transpose_channels
 from ._numba_runtime import engine_threads, run_shares
 from ._slabs import parallel_copy
 
@@ -368,12 +369,35 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     return ALGORITHMS[name].backward_weight(x, dy, geom)
 
 
-def channels_last(geom: ConvGeometry) -> bool:
+def _native_layout(geom: ConvGeometry, dtype) -> str | None:
+    """The algorithm that computes this layer's NDHWC form as it is, or None."""
+    if config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom):
+        return pointwise.NAME
+    if config.algorithm in (None, winograd.NAME) and not _autotune.active():
+        if choose(geom, np.dtype(dtype)) == winograd.NAME:
+            return winograd.NAME
+    return None
+
+
+def channels_last(geom: ConvGeometry, dtype=np.float32) -> bool:
     """Whether the engine computes this layer's NDHWC form without a transpose (with
-    :func:`ndhwc_forward` and its two gradients): dense stride-1 unpadded 1x1x1 layers,
-    one GEMM on the arrays as they are (unless ``config.algorithm`` forces another
-    algorithm). Other layers are computed in NCDHW."""
-    return config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom)
+    :func:`ndhwc_forward` and its two gradients):
+
+    - dense stride-1 unpadded 1x1x1 layers: one GEMM on the arrays as they are;
+    - layers whose forward is Winograd's (dense 3x3x3 / 1x3x3 stride-1 layers with
+      enough channels): its transforms gather and scatter whole channel vectors, so an
+      NDHWC sample is read as it lies. Its gradients are NDHWC where they are Winograd's
+      too; the others (and non-finite data, see ``FINITE_ONLY``) go through NCDHW
+      between transposes, inside these functions.
+
+    Not with an autotuned or forced other algorithm: those layers are computed in NCDHW.
+    """
+    return _native_layout(geom, dtype) is not None
+
+
+def _via_ncdhw(fn, *arrays: np.ndarray) -> np.ndarray:
+    """``fn`` on the NCDHW forms of NDHWC ``arrays``, its result back in NDHWC."""
+    return transpose_channels(fn(*(transpose_channels(a, to_last=False) for a in arrays)), True)
 
 
 def ndhwc_forward(
@@ -381,18 +405,35 @@ def ndhwc_forward(
 ) -> np.ndarray:
     """:func:`conv3d_forward` on ``x (N, D, H, W, C)``, giving ``(N, Do, Ho, Wo, O)``,
     for a layer with :func:`channels_last`."""
-    return pointwise.forward_channels_last(x, w, geom, bias)
+    if _native_layout(geom, x.dtype) == pointwise.NAME:
+        return pointwise.forward_channels_last(x, w, geom, bias)
+    if _all_finite(x) and _all_finite(w):
+        return winograd.forward(x, w, geom, bias=bias, channels_last=True)
+    return _via_ncdhw(lambda xc: conv3d_forward(xc, w, geom, bias), x)
 
 
 def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """:func:`conv3d_backward_input` in NDHWC, for a layer with :func:`channels_last`."""
-    return pointwise.backward_input_channels_last(dy, w, geom)
+    """:func:`conv3d_backward_input` in NDHWC, for a layer with :func:`channels_last`:
+    the forward of the adjoint where that is Winograd's (as :func:`conv3d_backward_input`
+    takes it: 16+ input channels)."""
+    if _native_layout(geom, dy.dtype) == pointwise.NAME:
+        return pointwise.backward_input_channels_last(dy, w, geom)
+    adjoint = transposed_geometry(geom)
+    if geom.C >= 16 and winograd.prefer(adjoint, dy.dtype) and _all_finite(dy):
+        if _all_finite(w):
+            return winograd.forward(dy, flip_weight(w), adjoint, channels_last=True)
+    return _via_ncdhw(lambda g: conv3d_backward_input(g, w, geom), dy)
 
 
 def ndhwc_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """:func:`conv3d_backward_weight` from NDHWC data, for a layer with
-    :func:`channels_last`."""
-    return pointwise.backward_weight_channels_last(x, dy, geom)
+    :func:`channels_last`: Winograd's own where :func:`conv3d_backward_weight` takes it."""
+    if _native_layout(geom, x.dtype) == pointwise.NAME:
+        return pointwise.backward_weight_channels_last(x, dy, geom)
+    if config.algorithm == winograd.NAME or winograd.prefer_weight(geom, x.dtype):
+        return winograd.backward_weight(x, dy, geom, channels_last=True)
+    xc, dyc = transpose_channels(x, to_last=False), transpose_channels(dy, to_last=False)
+    return conv3d_backward_weight(xc, dyc, geom)
 
 
 #: Below this many bytes the bias add and sum stay on the calling thread.

@@ -175,6 +175,7 @@ import numpy as np
 from .. import config
 from ._args import ConvGeometry
 from ._blas import gemm_batch, single_threaded_blas
+from ._layout import transpose_channels
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 
 NAME = "winograd"
@@ -806,14 +807,18 @@ def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, add, dw):  # pragma: n
                     dw[o0 + k, x, t] = R[t, k]
 
 
-def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compiled
+def _input_worker(task, ntasks, x, geo, r0, r1, V, cl):  # pragma: no cover - compiled
     """Items ``[task*items//ntasks, (task+1)*items//ntasks)`` of the input transform.
 
     ``V[p, t, c]`` is the transformed input of the tile rows ``r0 <= r < r1`` (flat over
     N, TD, TH): column ``t`` is tile ``(r0 + t // TW, t % TW)``; lanes ``c >= C`` are 0.
     An item is ``twc`` tiles of one tile row, all channels being the vector lanes.
+    ``x`` is ``(N, C, D, H, W)``, or ``(N, D, H, W, C)`` with ``cl`` (channels-last).
     """
-    N, C, D, H, W = x.shape
+    if cl:
+        N, D, H, W, C = x.shape
+    else:
+        N, C, D, H, W = x.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc, dd, dh, dw = geo
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = V.shape
@@ -863,6 +868,16 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compil
                 if yy < 0 or yy >= H:
                     continue
                 a = jz * ah + jy
+                if cl:  # a sample's channels are contiguous: copied as they are
+                    for tq in range(ntw + 1):
+                        for ph in range(mw):
+                            q = tq * mw + ph
+                            if q >= qa and q < qb:
+                                base = (ph * (ntw + 1) + tq) * L
+                                src = x[n, z, yy, w0 + dw * q]
+                                for c in range(C):
+                                    A[a, base + c] = src[c]
+                    continue
                 # eight channels at a time: eight read streams along W, 32-byte stores
                 # (all C at once: 38 -> 18 ms on U-Net enc2's 32 channels, 64^3)
                 for c0 in range(0, C - 7, 8):
@@ -890,11 +905,15 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V):  # pragma: no cover - compil
             _bt(mw, A3, izy * mw, 0, mw, L, V2, izy * aw, col, ntw * L)
 
 
-def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias):  # pragma: no cover - compiled
+def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no cover - compiled
     """Items of the output transform: ``y[:, o0 : o0 + L]`` on the tile rows
     ``r0 <= r < r1`` from ``M (P, T, L)``, plus ``bias[o]`` when ``bias`` is not empty;
-    an item is ``twc`` tiles, all ``L`` output channels being the vector lanes."""
-    N, O, Do, Ho, Wo = y.shape
+    an item is ``twc`` tiles, all ``L`` output channels being the vector lanes. ``y`` is
+    ``(N, O, Do, Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last)."""
+    if cl:
+        N, Do, Ho, Wo, O = y.shape
+    else:
+        N, O, Do, Ho, Wo = y.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc, dd, dh, dw = geo
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = M.shape
@@ -938,6 +957,17 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias):  # pragma: no cov
                 yy = ry + dh * (ty * mh + ky)
                 if yy >= Ho:
                     break
+                if cl:  # an output's channels are contiguous: no lane-by-lane scatter
+                    for q in range(nw):
+                        dst = y[n, z, yy, w0 + dw * q]
+                        src = Y5[kz, ky, q % mw, q // mw]
+                        if bias.shape[0] == 0:
+                            for k in range(no):
+                                dst[o0 + k] = src[k]
+                        else:
+                            for k in range(no):
+                                dst[o0 + k] = src[k] + bias[o0 + k]
+                    continue
                 for tw in range(ntw):
                     for kw in range(mw):
                         for k in range(L):
@@ -953,13 +983,17 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias):  # pragma: no cov
                             y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k] + b
 
 
-def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - compiled
+def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY, cl):  # pragma: no cover - compiled
     """Items of the output-gradient transform (the adjoint of :func:`_output_worker`):
     ``DY[p, t, j] = ((A_d (x) A_h (x) A_w) dy_tile[o0 + j])[p]`` on the tile rows
     ``r0 <= r < r1``, each tile ``m_d x m_h x m_w`` read from ``dy`` with zeros beyond
     the output's extent and in lanes ``o0 + j >= O``; an item is ``twc`` tiles of one
-    tile row, all ``L`` output channels being the vector lanes."""
-    N, O, Do, Ho, Wo = dy.shape
+    tile row, all ``L`` output channels being the vector lanes. ``dy`` is ``(N, O, Do,
+    Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last)."""
+    if cl:
+        N, Do, Ho, Wo, O = dy.shape
+    else:
+        N, O, Do, Ho, Wo = dy.shape
     TD, TH, TW, md, mh, mw, lod, loh, low, twc, dd, dh, dw = geo
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = DY.shape
@@ -998,9 +1032,15 @@ def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY):  # pragma: no cover - c
                     for q in range(mw * ntw):
                         for k in range(L):
                             row[q, k] = 0
-                for k in range(no):
+                if cl:
                     for q in range(nw):
-                        row[q, k] = dy[n, o0 + k, z, yy, w0 + dw * q]
+                        src = dy[n, z, yy, w0 + dw * q]
+                        for k in range(no):
+                            row[q, k] = src[o0 + k]
+                else:
+                    for k in range(no):
+                        for q in range(nw):
+                            row[q, k] = dy[n, o0 + k, z, yy, w0 + dw * q]
                 for kw in range(mw):
                     for tw in range(ntw):
                         for k in range(L):
@@ -1052,7 +1092,12 @@ _run = run_tasks  # see _numba_runtime.py
 FUSED_BIAS = True
 
 
-def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.ndarray:
+def forward(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None, channels_last: bool = False
+) -> np.ndarray:
+    """The forward convolution, ``(N, O, Do, Ho, Wo)`` from ``x (N, C, D, H, W)``; with
+    ``channels_last``, ``(N, Do, Ho, Wo, O)`` from ``x (N, D, H, W, C)`` (the transforms
+    read and write either layout: no transpose)."""
     kernels = _kernels()
     nw = _threads()
     dtype = x.dtype
@@ -1063,7 +1108,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
     x = np.ascontiguousarray(x)
     w3 = np.ascontiguousarray(w.reshape(O, C, geom.taps), dtype=dtype)
     geo_in, geo_out = _geos(geom, plan)
-    y = np.empty(geom.out_shape, dtype=dtype)
+    y = np.empty(_layout_shape(geom.out_shape, channels_last), dtype=dtype)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
     P, Cp, ob, tb = plan.P, plan.Cp, plan.ob, plan.rb * plan.grid[2]
     Ubuf = np.empty(P * Cp * ob, dtype=dtype)
@@ -1072,7 +1117,7 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
     with single_threaded_blas() as split:
         if plan.whole:  # U once, for every block
             _run(kernels["weight"], nw, w3, plan.ms, 0, Ubuf.reshape(P, Cp, ob))
-        for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf):
+        for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, channels_last):
             nb = V.shape[1]
             U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
             if not plan.whole:  # this block's chunk of U, computed again
@@ -1082,11 +1127,16 @@ def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.n
             # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
             # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
             _gemms(np.matmul, split, nw, V, U, M)
-            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b)
+            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b, channels_last)
     return y
 
 
-def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf):
+def _layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """An NCDHW ``shape`` as NDHWC when ``channels_last``."""
+    return (shape[0], *shape[2:], shape[1]) if channels_last else tuple(shape)
+
+
+def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf, channels_last: bool):
     """``(r0, r1, V, o0, o1)`` for every block of tile rows ``[r0, r1)`` and chunk of
     output channels ``[o0, o1)``, with ``V`` the block's transformed input (computed once
     per block, in ``Vbuf``)."""
@@ -1094,7 +1144,7 @@ def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf):
     for r0 in range(0, plan.rows, plan.rb):
         r1 = min(plan.rows, r0 + plan.rb)
         V = Vbuf[: P * (r1 - r0) * TW * Cp].reshape(P, (r1 - r0) * TW, Cp)
-        _run(kernels["input"], nw, x, geo_in, r0, r1, V)
+        _run(kernels["input"], nw, x, geo_in, r0, r1, V, channels_last)
         for o0 in range(0, plan.Op, plan.ob):
             yield r0, r1, V, o0, min(plan.Op, o0 + plan.ob)
 
@@ -1123,7 +1173,9 @@ def _gemms(mm, split: bool, nw: int, V, U, M, beta: float = 0.0) -> None:
     run_shares(share, V.shape[0], nw if split else 1)
 
 
-def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+def backward_weight(
+    x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, channels_last: bool = False
+) -> np.ndarray:
     """``dw = (G^T (x) G^T (x) G^T) sum_tiles (A (x) A (x) A) dy_tile * (B^T (x) B^T (x) B^T)
     x_tile`` (see the module docstring), shape ``geom.w_shape``.
 
@@ -1133,6 +1185,8 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     result is therefore recomputed by the GEMM family, which propagates Inf/NaN exactly
     (``FINITE_ONLY``). Checking the small ``dw`` instead of both inputs saves a pass over
     them (13 ms of 155 on unet3d_enc2).
+
+    With ``channels_last``, ``x`` and ``dy`` are NDHWC (read as they are).
     """
     kernels = _kernels()
     nw = _threads()
@@ -1144,13 +1198,15 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
     dy = np.ascontiguousarray(dy, dtype=dtype)
     dw = np.empty((geom.O, geom.C, geom.taps), dtype=dtype)
     with single_threaded_blas() as split:
-        _weight_blocks(kernels, nw, split, x, dy, dw, plan, *_geos(geom, plan))
+        _weight_blocks(kernels, nw, split, x, dy, dw, plan, *_geos(geom, plan), channels_last)
     if not np.isfinite(dw).all():
+        if channels_last:
+            x, dy = transpose_channels(x, to_last=False), transpose_channels(dy, to_last=False)
         return _gemm_weight(x, dy, geom)
     return dw.reshape(geom.w_shape)
 
 
-def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr) -> None:
+def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr, cl) -> None:
     """The blocked loop of :func:`backward_weight` into ``dw (O, C, taps)``: ``Mw`` whole,
     accumulated over the blocks and transformed once at the end, or per chunk of output
     channels and block, each transformed and added to ``dw`` in turn."""
@@ -1161,13 +1217,13 @@ def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr) -
     Mbuf = np.zeros(P * Cp * ob, dtype=dtype)
     Vbuf = np.empty(P * tb * Cp, dtype=dtype)
     Dbuf = np.empty(P * tb * ob, dtype=dtype)
-    for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf):
+    for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, cl):
         nb = V.shape[1]
         L = o1 - o0
         X, Y = (L, Cp) if o_first else (Cp, L)
         Mw = Mbuf[: P * X * Y].reshape(P, X, Y)
         DY = Dbuf[: P * nb * L].reshape(P, nb, L)
-        _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY)
+        _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY, cl)
         a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
         # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the blocks
         beta = 1.0 if plan.whole else 0.0
