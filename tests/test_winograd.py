@@ -70,6 +70,13 @@ def tile():
     winograd.FORCE_TILE = saved
 
 
+@pytest.fixture
+def no_slabs(monkeypatch):
+    """Plans without slabs of depth points: a transformed weight that does not fit goes
+    in chunks of output channels."""
+    monkeypatch.setattr(winograd, "SLABS", False)
+
+
 # x shape (N, C, D, H, W), out channels, pads per axis (int or (lo, hi))
 CASES = [
     ("odd_pad1", (1, 3, 5, 6, 7), 4, (1, 1, 1)),
@@ -355,7 +362,7 @@ def test_weight_gradient_small_workspace_cap(workspace, rng):
     assert _dw_error(dw, x, dy, geom, np.float32) <= C_DW_F4
 
 
-def test_weight_gradient_output_channel_chunks(workspace, rng):
+def test_weight_gradient_output_channel_chunks(no_slabs, workspace, rng):
     """When Mw does not fit half the cap, output channels go in chunks; C > O and C < O
     give the two Mw layouts (BLAS's m is the smaller channel count)."""
     workspace(3 << 20)
@@ -416,7 +423,7 @@ def test_small_workspace_cap(workspace, rng):
     assert c <= C_F4
 
 
-def test_output_channel_chunks(workspace, rng):
+def test_output_channel_chunks(no_slabs, workspace, rng):
     """When U does not fit half the cap, output channels go in chunks."""
     geom = _geometry((1, 32, 4, 5, 6), 80, (1, 1, 1))
     workspace(3 << 20)
@@ -428,7 +435,7 @@ def test_output_channel_chunks(workspace, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_chunks_recomputed_for_every_block(workspace, rng, dtype):
+def test_chunks_recomputed_for_every_block(no_slabs, workspace, rng, dtype):
     """Under a cap that holds neither U nor Mw whole, several blocks each compute every
     chunk of output channels again (forward), or transform and add their share of dw
     (weight gradient): both match the references, within the cap."""
@@ -451,7 +458,7 @@ def test_chunks_recomputed_for_every_block(workspace, rng, dtype):
     assert _dw_error(winograd.backward_weight(x, dy, geom), x, dy, geom, dtype) <= C_DW_F4
 
 
-def test_chooser_takes_chunks_where_they_pay(algorithm, workspace):
+def test_chooser_takes_chunks_where_they_pay(no_slabs, algorithm, workspace):
     """Under a 32 MiB cap C3D conv3a's U (27 MiB) goes in chunks, and Winograd still
     pays; C3D conv5a's (F(2) on its depth of 2: 5.9 multiplications per output) does not."""
     algorithm(None)
@@ -554,14 +561,16 @@ CHANNELS_LAST = {  # name: (x shape, out channels, pads, dilation, kernel, cap o
     "in_plane": ((1, 16, 4, 11, 10), 12, ((0, 0), (1, 1), (1, 1)), (1, 1, 1), (1, 3, 3), None),
     "dilated": ((1, 16, 13, 14, 15), 8, ((2, 2),) * 3, (2, 2, 2), (3, 3, 3), None),
     "odd_channels": ((1, 19, 6, 7, 8), 21, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), None),
-    # several blocks, each computing every chunk of U again (Mw likewise)
+    # several blocks, each computing every chunk of U again (Mw likewise), or slabs of
+    # depth points, each over several blocks
     "chunks_x_blocks": ((2, 24, 13, 14, 15), 96, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), 3 << 20),
+    "slabs_x_blocks": ((2, 24, 13, 14, 15), 96, ((1, 1),) * 3, (1, 1, 1), (3, 3, 3), 3 << 20),
 }
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(CHANNELS_LAST))
-def test_channels_last_equals_ncdhw_bitwise(workspace, tile, name, dtype):
+def test_channels_last_equals_ncdhw_bitwise(workspace, tile, monkeypatch, name, dtype):
     """NDHWC in, NDHWC out: the forward (with its bias), the weight gradient and the input
     gradient (the adjoint's forward) equal the NCDHW computations bit for bit (the same
     arithmetic: only the gathers and scatters change), and leave their inputs alone."""
@@ -571,8 +580,11 @@ def test_channels_last_equals_ncdhw_bitwise(workspace, tile, name, dtype):
     isz = np.dtype(dtype).itemsize
     if cap is not None:  # (float64: twice the bytes)
         workspace(cap * isz // 4)
+        slabs = name.startswith("slabs")
+        monkeypatch.setattr(winograd, "SLABS", slabs)
         for plan in (winograd._plan(geom, isz, 2), winograd._plan_weight(geom, isz, 2)):
-            assert not plan.whole and plan.rb < plan.rows
+            assert plan.rb < plan.rows
+            assert (plan.pz < 6 and plan.whole) if slabs else not plan.whole
     rng = np.random.default_rng(sum(map(ord, name)))
     x, w = _data(rng, geom, dtype)
     dy = rng.standard_normal(geom.out_shape).astype(dtype)
@@ -681,3 +693,73 @@ def test_channels_last_gradients_that_are_not_winograd(algorithm, rng):
         engine.ndhwc_backward_input(_last(dy), w, geom),
         _last(engine.conv3d_backward_input(dy, w, geom)),
     )
+
+
+# ---- slabs of depth points -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", [None, 2], ids=["F4", "F2"])
+def test_depth_point_slabs(tile, monkeypatch, rng, m, dtype):
+    """Every slab size (uneven last slabs included), over several blocks: the forward
+    (with its bias: the first slab writes y, the others add), the weight gradient (each
+    slab's share of dw added) and the input gradient match the references, and the
+    unslabbed results to rounding."""
+    tile(m)
+    geom = _geometry((2, 20, 9, 10, 11), 24, (1, 1, 1))
+    x, w = _data(rng, geom, dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    b = rng.standard_normal(geom.O).astype(dtype)
+    adjoint, flipped = engine.transposed_geometry(geom), engine.flip_weight(w)
+    whole = (
+        winograd.forward(x, w, geom, bias=b),
+        winograd.backward_weight(x, dy, geom),
+        winograd.forward(dy, flipped, adjoint),
+    )
+    plan = winograd._plan
+    ad = winograd._points(winograd.tile_sizes(geom))[0]
+    for pz in range(1, ad):
+        seen = []
+
+        def slabbed(*args, pz=pz, seen=seen, **kwargs):
+            p = plan(*args, **kwargs)._replace(pz=pz, rb=3)
+            seen.append(len(p.slabs))
+            return p
+
+        monkeypatch.setattr(winograd, "_plan", slabbed)
+        y = winograd.forward(x, w, geom, bias=b)
+        dw = winograd.backward_weight(x, dy, geom)
+        dx = winograd.forward(dy, flipped, adjoint)
+        assert seen == [-(-ad // pz)] * 3
+        ref = conv3d_reference(x, w, geom) + b.reshape(1, -1, 1, 1, 1)
+        c_y, c_dw = (C_F2, C_DW_F2) if m == 2 else (C_F4, C_DW_F4)
+        assert _rel_error(y, ref, geom, dtype) <= c_y
+        assert _dw_error(dw, x, dy, geom, dtype) <= c_dw
+        assert _rel_error(dx, conv3d_reference(dy, flipped, adjoint), adjoint, dtype) <= c_y
+        tol = 1e-12 if dtype == np.float64 else 2e-5
+        for got, want in zip((y, dw, dx), whole, strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol * float(np.abs(want).max()))
+
+
+def test_slabs_under_a_tight_cap(algorithm, workspace, rng):
+    """Under a 4 MiB cap a 64 -> 128-channel layer on 16^3, whose U (7 MiB) is 8x its
+    weight, takes slabs of depth points in both passes (and Winograd still pays: nothing
+    is recomputed); numpy's peak besides the output stays within the cap, and the result
+    matches the reference."""
+    cap = 4 << 20
+    workspace(cap)
+    algorithm(None)
+    geom = _geometry((1, 64, 16, 16, 16), 128, (1, 1, 1))
+    for kind in ("forward", "weight"):
+        plan = winograd._plan(geom, 4, winograd._threads(), kind)
+        assert plan.whole and plan.pz < 6 and plan.workspace <= cap
+    assert engine.choose(geom, np.dtype(np.float32)) == "winograd"
+    assert winograd.prefer_weight(geom, np.dtype(np.float32))
+    x, w = _data(rng, geom, np.float32)
+    winograd.forward(x, w, geom)  # compile / load the kernels outside the measurement
+    tracemalloc.start()
+    try:
+        y = winograd.forward(x, w, geom)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - y.nbytes <= cap
+    assert _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32) <= C_F4

@@ -100,15 +100,28 @@ Tile rows are processed in blocks sized so that everything stays under
 gradient's ``V + DY`` at ``WEIGHT_BLOCK_FRACTION``) but hold at least
 ``MIN_BLOCK_TILES`` tiles (fewer made C3D conv3a's GEMMs 35-50% slower). ``U`` is 8x
 the weight for F(4x4x4, 3x3x3) (27 MiB at 128 -> 256 channels) and is held whole,
-computed once per call, when it takes at most half the cap. A larger one goes in chunks
-of output channels, each computed again for every block (``V`` once per block; the
-weight transform costs ~4.5 ms per 27 MiB of ``U``), so that ``V`` aims at the block
-share and a chunk's ``U + M`` at half the cap. The chooser takes such chunked plans
-where Winograd saves enough multiplications to pay for them (:func:`_chunks_pay`): C3D
-conv3a under a 32 MiB cap, forward 72 ms at 37 MiB against 54 ms at 63 MiB whole, and
-the in-plane unfolding's 160 ms there. Whole ``U`` and 64-tile blocks are why the
-128-256-channel layers peak above PyTorch's memory at the default cap (U-Net 16^3 level:
-56 MiB against 27; a 32 MiB cap: 31 MiB, forward 53 ms against 59 whole).
+computed once per call, when it takes at most half the cap. A larger one goes, first
+choice, in *slabs of depth points*: the transformed positions ``p = (iz, iy, ix)`` with
+``a0 <= iz < a0 + pz``, as few slabs as let one slab's ``U`` take at most
+``SLAB_SHARE`` of the cap and leave room for blocks of ``SLAB_MIN_TILES`` tiles. Each
+slab's ``U`` is computed once and meets every block; each block's input is gathered and
+transformed again for every slab (only the slab's points go through H and W), and the
+output transform adds the slab's share to ``y`` (A^T along D is a sum over the depth
+points; the first slab writes ``y`` and its bias). The weight gradient likewise
+accumulates one slab of ``Mw`` over all blocks and adds its share of ``dw`` through G^T.
+Nothing is recomputed and every GEMM keeps all channels; the price is a gather and an
+output pass (read-modify-write) per slab. Where even one depth point's ``U`` does not
+fit, ``U`` goes in chunks of output channels, each computed again for every block
+(``V`` once per block; the weight transform costs ~4.5 ms per 27 MiB of ``U``), so that
+``V`` aims at the block share and a chunk's ``U + M`` at half the cap. The chooser takes
+slabbed or chunked plans where Winograd saves enough multiplications to pay for them
+(:func:`_chunks_pay`). Measured (fresh processes, 2 rounds, ms, slabs against chunks):
+C3D conv3a under a 16 MiB cap, forward 95 against 125 and backward 224-241 against
+349-382; the U-Net 16^3 level, backward 150-155 against 211-231 (forward 64-74 against
+53-70); under 24 MiB about even forward, backward 111-180 against 152-227. Whole ``U``
+and 64-tile blocks are why the 128-256-channel layers peak above PyTorch's memory at
+the default cap (C3D conv3a forward 63 MiB, 47-67 ms; under a 16 MiB cap 27 MiB,
+~95 ms; PyTorch 34 MiB, 122 ms).
 
 Non-finite inputs spread through a tile's transforms (an Inf becomes NaN in every
 output of its tile), unlike direct convolution.
@@ -137,8 +150,10 @@ with the forward's own matrices. In 3-D, per transformed position ``p``:
 - ``_weight_out_worker``: G^T along W, H and D in float64, rounded once into ``dw``.
 
 ``Mw (P, Cp, Ob)`` takes U's place in the workspace, with ``V`` and ``DY`` for a block;
-when it cannot be held whole, each block's chunk of ``Mw`` (``beta = 0``) goes through
-G^T at once and is added to ``dw`` in float64 (the first block writes it).
+when it cannot be held whole, one slab of depth points of ``Mw`` accumulates over all
+blocks and its share goes through G^T into ``dw``, or, in chunked plans, each block's
+chunk of ``Mw`` (``beta = 0``) goes through G^T at once; the shares are added to ``dw``
+in float64 (the first writes it).
 The tile sizes are the forward's: F(2) on every axis measured 1.3-2.3x slower (c3d_conv3a
 87 vs 61 ms, unet3d_enc2 330 vs 161, unet3d_deep 60 vs 44), for 4-8x smaller errors.
 
@@ -203,8 +218,15 @@ BLOCK_FRACTION = 1 / 8
 WEIGHT_BLOCK_FRACTION = 3 / 8
 #: Blocks get at least this many tiles when the cap permits (thin GEMMs run badly).
 MIN_BLOCK_TILES = 64
+#: A transformed weight too large for TRANSFORMED_WEIGHT_SHARE goes in slabs of depth
+#: points, as few as let one slab's take at most this share of the cap and leave room for
+#: blocks of SLAB_MIN_TILES tiles (see "Memory").
+SLAB_SHARE = 0.6
+SLAB_MIN_TILES = 32
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
+#: Tests may turn the slabs of depth points off (to reach the chunked plans).
+SLABS = True
 
 _BT = {
     2: [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
@@ -316,16 +338,18 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
 
 #: Multiplications per output (tile waste included) at which Winograd still pays for
 #: computing its transformed weight again for every block (a chunked plan, under a cap
-#: that cannot hold it whole). 27 direct; F(4x4x4, 3x3x3) 3.4. Measured at a 32 MiB cap
-#: (2 threads): C3D conv3a (3.4) forward 72 ms and backward 186 against the in-plane
-#: unfolding's 160 and 299; C3D conv5a (F(2) on its depth of 2, 5.9) 110-141 against 98.
+#: that cannot hold it whole), or for its gathers and scatters once per slab. 27
+#: direct; F(4x4x4, 3x3x3) 3.4. Measured at a 32 MiB cap (2 threads, chunks): C3D
+#: conv3a (3.4) forward 72 ms and backward 186 against the in-plane unfolding's 160 and
+#: 299; C3D conv5a (F(2) on its depth of 2, 5.9) 110-141 against 98.
 MAX_CHUNKED_MULTIPLICATIONS = 4.5
 
 
 def _chunks_pay(geom: ConvGeometry, plan: _Plan) -> bool:
     """Whether the plan holds the transformed weight whole, or saves enough
-    multiplications to recompute its chunks per block (MAX_CHUNKED_MULTIPLICATIONS)."""
-    if plan.whole:
+    multiplications to recompute its chunks per block, or to gather its input (and
+    scatter its output) once per slab (MAX_CHUNKED_MULTIPLICATIONS)."""
+    if plan.whole and len(plan.slabs) == 1:
         return True
     per_output = plan.P / int(np.prod(plan.ms)) * tile_waste(geom)
     return per_output <= MAX_CHUNKED_MULTIPLICATIONS
@@ -428,12 +452,23 @@ class _Plan(NamedTuple):
     Op: int  # output channels, padded to the CB lanes
     ob: int  # output channels per chunk: Op, or a chunk recomputed for every block
     rb: int  # tile rows per block
+    pz: int  # depth points per slab: all of them (alpha_d), or a slab at a time
     workspace: int  # bytes allocated besides the inputs and the output
 
     @property
     def P(self) -> int:
         """Transformed positions of a tile."""
         return int(np.prod(_points(self.ms)))
+
+    @property
+    def Ps(self) -> int:
+        """Transformed positions of a tile in one slab of depth points."""
+        return self.P // _points(self.ms)[0] * self.pz
+
+    @property
+    def slabs(self) -> range:
+        """First depth point of every slab."""
+        return range(0, _points(self.ms)[0], self.pz)
 
     @property
     def whole(self) -> bool:
@@ -465,7 +500,8 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
     if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
         return None
     ms = tile_sizes(geom)
-    P = int(np.prod(_points(ms)))
+    ad, ah, aw = _points(ms)
+    P = ad * ah * aw
     # per dilation phase (the outputs d*z' + r, one tile grid per phase r)
     TD, TH, TW = (_ceil(n, m) for n, m in zip(_phase_extents(geom), ms, strict=True))
     rows = geom.N * int(np.prod(geom.dilation)) * TD * TH
@@ -487,26 +523,43 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
             elems = max(_scratch_elems(ms, Cp, ob, tin, tout))
         return tout, threads * itemsize * elems
 
-    def total(ob: int, rb: int) -> int:
-        weight = P * Cp * ob * itemsize
-        blocks = scratch(ob)[1] + P * rb * TW * (Cp + ob) * itemsize
-        if kind == "weight":  # the G^T stage runs after V and DY are freed
-            blocks = max(blocks, _finish_bytes(ms, ob, threads))
+    def total(ob: int, rb: int, pz: int) -> int:
+        Ps = pz * ah * aw
+        weight = Ps * Cp * ob * itemsize
+        blocks = scratch(ob)[1] + Ps * rb * TW * (Cp + ob) * itemsize
+        if kind == "weight":  # the G^T stage's float64 scratch, while V and DY live
+            blocks += _finish_bytes(ms, ob, threads)
         return weight + blocks
 
+    def whole_rows(pz: int) -> int:
+        """Tile rows per block with the slab's transformed weight whole (0: none fit)."""
+        Ps = pz * ah * aw
+        room = cap - total(Op, 0, pz)
+        per_row = Ps * (Cp + Op) * TW * itemsize
+        return _block_rows(rows, TW, room, per_row, target) if room >= per_row else 0
+
+    # The transformed weight whole; or whole per slab of depth points, as few slabs as
+    # fit with blocks of MIN_BLOCK_TILES (see "Memory"); or in chunks of output channels.
+    pz, ob, rb = ad, Op, 0
     if P * Cp * Op * itemsize <= share:
-        ob = Op
-        room = cap - scratch(ob)[1] - P * Cp * ob * itemsize
-        per_row = P * (Cp + ob) * TW * itemsize
-        rb = _block_rows(rows, TW, room, per_row, target) if room >= per_row else 0
+        rb = whole_rows(ad)
     else:
-        rb = _block_rows(rows, TW, cap, P * Cp * TW * itemsize, target)
-        ob = max(CB, min(Op - CB, share // (P * (Cp + rb * TW) * itemsize) // CB * CB))
-        while rb > 1 and total(ob, rb) > cap:
-            rb //= 2
-    if rb < 1 or total(ob, rb) > cap:
+        least = min(rows, _ceil(SLAB_MIN_TILES, TW))
+        for pz in range(ad - 1, 0, -1) if SLABS else ():
+            fits = pz * ah * aw * Cp * Op * itemsize <= cap * SLAB_SHARE
+            if fits and whole_rows(pz) >= least:
+                rb = whole_rows(pz)
+                break
+        else:
+            pz = ad
+            rb = _block_rows(rows, TW, cap, P * Cp * TW * itemsize, target)
+            ob = max(CB, min(Op - CB, share // (P * (Cp + rb * TW) * itemsize) // CB * CB))
+            while rb > 1 and total(ob, rb, pz) > cap:
+                rb //= 2
+    if rb < 1 or total(ob, rb, pz) > cap:
         return None
-    return _Plan(ms, (TD, TH, TW), (tin, scratch(ob)[0]), rows, Cp, Op, ob, rb, total(ob, rb))
+    items = (tin, scratch(ob)[0])
+    return _Plan(ms, (TD, TH, TW), items, rows, Cp, Op, ob, rb, pz, total(ob, rb, pz))
 
 
 def workspace_bytes(geom: ConvGeometry, itemsize: int, threads: int = 2) -> int:
@@ -654,6 +707,56 @@ def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
             dst[dr, do + k] = src[sr, so + k]
 
 
+#: A^T of F(4, 3) and F(2, 3) as tables, for the partial sums over a slab of depth points.
+_AT4 = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 0.5, -2, 0], [0, 1, 1, 0.25, 4, 0], [0, 1, -1, 0.125, -8, 1]],
+    dtype=np.float32,
+)
+_AT2 = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float32)
+
+
+def _at_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
+    """A^T on the rows of one slab only: ``dst[i, k] = sum_{a0 <= j < a0 + pz} A^T[i, j]
+    src[j, k]`` (the other rows count as zero; F(4, 3) or F(2, 3))."""
+    coef = _AT4 if m == 4 else _AT2
+    for i in range(m):
+        started = False
+        for j in range(a0, a0 + pz):
+            c = coef[i, j]
+            if c != 0:
+                if started:
+                    for k in range(K):
+                        dst[i, k] += c * src[j, k]
+                else:
+                    for k in range(K):
+                        dst[i, k] = c * src[j, k]
+                    started = True
+        if not started:
+            for k in range(K):
+                dst[i, k] = 0
+
+
+def _a_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
+    """A (the transpose of A^T) into the rows of one slab only: ``dst[j, k] = sum_i
+    A^T[i, j] src[i, k]`` for ``a0 <= j < a0 + pz``."""
+    coef = _AT4 if m == 4 else _AT2
+    for j in range(a0, a0 + pz):
+        started = False
+        for i in range(m):
+            c = coef[i, j]
+            if c != 0:
+                if started:
+                    for k in range(K):
+                        dst[j, k] += c * src[i, k]
+                else:
+                    for k in range(K):
+                        dst[j, k] = c * src[i, k]
+                    started = True
+        if not started:
+            for k in range(K):
+                dst[j, k] = 0
+
+
 def _a(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
     """A of F(m, 3) (the transpose of A^T, ``alpha x m``): ``dst[dr + j, do + k]`` from
     ``src[sr + i, so + k]``, ``i < m`` -- the adjoint of :func:`_at`."""
@@ -724,13 +827,15 @@ def _gt(m, src, sr, ss, dst, dr, ds, K):  # pragma: no cover - compiled
             dst[dr, k] = src[sr, k]
 
 
-def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
+def _weight_worker(task, ntasks, w, ms, o0, a0, U):  # pragma: no cover - compiled
     """``U[p, c, j] = ((Gd (x) Gh (x) Gw) w[o0 + j, c])[p]``, zero for ``c >= C`` or
-    ``o0 + j >= O``; computed in float64 and rounded once. An item is one channel ``c``
-    with all output channels of the chunk as the vector lanes."""
+    ``o0 + j >= O``; computed in float64 and rounded once. ``U`` holds the slab of depth
+    points ``a0 <= iz < a0 + pz`` (``pz = U.shape[0] // (ah * aw)``). An item is one
+    channel ``c`` with all output channels of the chunk as the vector lanes."""
     O, C, nt = w.shape
     md, mh, mw = ms[0], ms[1], ms[2]
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
+    pz = U.shape[0] // (ah * aw)
     rh, rw = _taps(mh), _taps(mw)
     # source-row strides of taps 1 and 2 per axis (0 on a 1-tap axis: only tap 0 is read)
     sd, sh, sw = (rh * rw if md > 1 else 0), (rw if mh > 1 else 0), (1 if mw > 1 else 0)
@@ -751,41 +856,44 @@ def _weight_worker(task, ntasks, w, ms, o0, U):  # pragma: no cover - compiled
                 w27[k, j] = w[o0 + j, c, k]
         for be in range(rh * rw):  # along D: tap (a, b, e) is row (a*rh + b)*rw + e
             _g(md, w27[be], w27[sd + be], w27[2 * sd + be], t1[be], K)
-        for iz in range(ad):  # along H
+        for iz in range(a0, a0 + pz):  # along H (the slab's depth points)
             for e in range(rw):
                 _g(mh, t1[e, iz], t1[sh + e, iz], t1[2 * sh + e, iz], t2[iz, e], K)
-        for iz in range(ad):  # along W, rounded into U
+        for iz in range(a0, a0 + pz):  # along W, rounded into U
             for iy in range(ah):
                 _g(mw, t2[iz, 0, iy], t2[iz, sw, iy], t2[iz, 2 * sw, iy], t3, K)
-                p0 = (iz * ah + iy) * aw
+                p0 = ((iz - a0) * ah + iy) * aw
                 for iw in range(aw):
                     for j in range(K):
                         U[p0 + iw, c, j] = t3[iw, j]
 
 
-def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, add, dw):  # pragma: no cover - compiled
+def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, a0, add, dw):  # pragma: no cover
     """``dw[o, c, (a, b, e)] = ((G_d^T (x) G_h^T (x) G_w^T) Mw[:, o - o0, c])[a, b, e]`` (or
     ``Mw[:, c, o - o0]`` when not ``o_first``) in float64, rounded once into ``dw (O, C,
     27)``, or added to it with ``add``: the adjoint of :func:`_weight_worker`. An item is
-    one row ``x`` of ``Mw (P, X, Y)``, its ``Y`` lanes being the vector lanes."""
+    one row ``x`` of ``Mw (P, X, Y)``, its ``Y`` lanes being the vector lanes. ``Mw``
+    may hold a slab of depth points ``a0 <= iz < a0 + P // (ah * aw)`` only: the others
+    count as zero (this slab's share of ``dw``)."""
     P, X, Y = Mw.shape
     O, C, nt = dw.shape
     md, mh, mw = ms[0], ms[1], ms[2]
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     rh, rw = _taps(mh), _taps(mw)
+    pz = P // (ah * aw)
     nx = max(0, min(X, O - o0)) if o_first else min(X, C)
     ny = min(Y, C) if o_first else max(0, min(Y, O - o0))
     A = np.empty((P, Y))
     B = np.empty((ad * ah * rw, Y))  # [(iz, iy), e]
-    Cz = np.empty((ad * rh * rw, Y))  # [iz, (b, e)]
+    Cz = np.zeros((ad * rh * rw, Y))  # [iz, (b, e)]; rows outside the slab stay 0
     R = np.empty((nt, Y))  # [(a, b, e)]
     for x in range(task * nx // ntasks, (task + 1) * nx // ntasks):
         for p in range(P):
             for k in range(Y):
                 A[p, k] = Mw[p, x, k]
-        for izy in range(ad * ah):  # along W
-            _gt(mw, A, izy * aw, 1, B, izy * rw, 1, Y)
-        for iz in range(ad):  # along H
+        for izy in range(a0 * ah, (a0 + pz) * ah):  # along W
+            _gt(mw, A, (izy - a0 * ah) * aw, 1, B, izy * rw, 1, Y)
+        for iz in range(a0, a0 + pz):  # along H
             for e in range(rw):
                 _gt(mh, B, iz * ah * rw + e, rw, Cz, iz * rh * rw + e, rw, Y)
         for be in range(rh * rw):  # along D
@@ -807,13 +915,14 @@ def _weight_out_worker(task, ntasks, Mw, ms, o_first, o0, add, dw):  # pragma: n
                     dw[o0 + k, x, t] = R[t, k]
 
 
-def _input_worker(task, ntasks, x, geo, r0, r1, V, cl):  # pragma: no cover - compiled
+def _input_worker(task, ntasks, x, geo, r0, r1, a0, V, cl):  # pragma: no cover - compiled
     """Items ``[task*items//ntasks, (task+1)*items//ntasks)`` of the input transform.
 
     ``V[p, t, c]`` is the transformed input of the tile rows ``r0 <= r < r1`` (flat over
     N, TD, TH): column ``t`` is tile ``(r0 + t // TW, t % TW)``; lanes ``c >= C`` are 0.
     An item is ``twc`` tiles of one tile row, all channels being the vector lanes.
     ``x`` is ``(N, C, D, H, W)``, or ``(N, D, H, W, C)`` with ``cl`` (channels-last).
+    ``V`` holds the slab of depth points ``a0 <= iz < a0 + P // (ah * aw)`` only.
     """
     if cl:
         N, D, H, W, C = x.shape
@@ -823,6 +932,7 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V, cl):  # pragma: no cover - co
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = V.shape
     V2 = V.reshape(P, T * L)
+    pz = P // (ah * aw)
     nwc = (TW + twc - 1) // twc
     items = (r1 - r0) * nwc
     Smax = mw * (twc + 1) * L
@@ -897,19 +1007,21 @@ def _input_worker(task, ntasks, x, geo, r0, r1, V, cl):  # pragma: no cover - co
                                 A[a, (ph * (ntw + 1) + tq) * L + c] = x[n, c, z, yy, w0 + dw * q]
         # along D (rows jz*ah + jy -> iz*ah + jy), then along H, then along W into V
         _bt(md, A.reshape(ad, ah * S), 0, 0, ad, 0, B.reshape(ad, ah * S), 0, 0, ah * S)
-        for iz in range(ad):
+        for iz in range(a0, a0 + pz):
             _bt(mh, B, iz * ah, 0, ah, 0, A, iz * ah, 0, S)
         A3 = A.reshape(ad * ah * mw, (ntw + 1) * L)
         col = ((r - r0) * TW + tw0) * L
-        for izy in range(ad * ah):
-            _bt(mw, A3, izy * mw, 0, mw, L, V2, izy * aw, col, ntw * L)
+        for izy in range(a0 * ah, (a0 + pz) * ah):
+            _bt(mw, A3, izy * mw, 0, mw, L, V2, (izy - a0 * ah) * aw, col, ntw * L)
 
 
-def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no cover - compiled
+def _output_worker(task, ntasks, M, geo, r0, r1, o0, a0, y, bias, add, cl):  # pragma: no cover
     """Items of the output transform: ``y[:, o0 : o0 + L]`` on the tile rows
     ``r0 <= r < r1`` from ``M (P, T, L)``, plus ``bias[o]`` when ``bias`` is not empty;
     an item is ``twc`` tiles, all ``L`` output channels being the vector lanes. ``y`` is
-    ``(N, O, Do, Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last)."""
+    ``(N, O, Do, Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last).
+    ``M`` may hold a slab of depth points ``a0 <= iz < a0 + P // (ah * aw)`` only (the
+    others count as zero); with ``add`` its share is added to ``y`` (no bias)."""
     if cl:
         N, Do, Ho, Wo, O = y.shape
     else:
@@ -918,6 +1030,7 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = M.shape
     M2 = M.reshape(P, T * L)
+    pz = P // (ah * aw)
     no = min(L, O - o0)
     nwc = (TW + twc - 1) // twc
     items = (r1 - r0) * nwc
@@ -936,14 +1049,17 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no
         T2 = Tbuf[: ad * mh * S].reshape(ad * mh, S)
         # along W, straight from M's rows (p = izy*aw + j; tiles contiguous)
         col = ((r - r0) * TW + tw0) * L
-        for izy in range(ad * ah):
-            _at(mw, M2, izy * aw, col, R, izy * mw, 0, ntw * L)
-        # along H, then along D (into R's memory)
+        for izy in range(a0 * ah, (a0 + pz) * ah):
+            _at(mw, M2, (izy - a0 * ah) * aw, col, R, izy * mw, 0, ntw * L)
+        # along H, then along D (into R's memory); depth points outside the slab are 0
         R2 = R.reshape(ad * ah, S)
-        for iz in range(ad):
+        for iz in range(a0, a0 + pz):
             _at(mh, R2, iz * ah, 0, T2, iz * mh, 0, S)
         Y = R.reshape(ad * ah * mw * ntw * L)[: md * mh * S].reshape(md, mh * S)
-        _at(md, T2.reshape(ad, mh * S), 0, 0, Y, 0, 0, mh * S)
+        if pz == ad:
+            _at(md, T2.reshape(ad, mh * S), 0, 0, Y, 0, 0, mh * S)
+        else:
+            _at_slab(md, T2.reshape(ad, mh * S), a0, pz, Y, mh * S)
         Y5 = Y.reshape(md, mh, mw, ntw, L)
         # into y, cropped: un-split the phases into (w, lane) rows, then lane by lane;
         # tile sample i of an axis is output  r + d*(tile*m + i)  (dilation phase r)
@@ -961,7 +1077,10 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no
                     for q in range(nw):
                         dst = y[n, z, yy, w0 + dw * q]
                         src = Y5[kz, ky, q % mw, q // mw]
-                        if bias.shape[0] == 0:
+                        if add:
+                            for k in range(no):
+                                dst[o0 + k] += src[k]
+                        elif bias.shape[0] == 0:
                             for k in range(no):
                                 dst[o0 + k] = src[k]
                         else:
@@ -972,7 +1091,11 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no
                     for kw in range(mw):
                         for k in range(L):
                             row[tw * mw + kw, k] = Y5[kz, ky, kw, tw, k]
-                if bias.shape[0] == 0:
+                if add:
+                    for k in range(no):
+                        for q in range(nw):
+                            y[n, o0 + k, z, yy, w0 + dw * q] += row[q, k]
+                elif bias.shape[0] == 0:
                     for k in range(no):
                         for q in range(nw):
                             y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k]
@@ -983,13 +1106,14 @@ def _output_worker(task, ntasks, M, geo, r0, r1, o0, y, bias, cl):  # pragma: no
                             y[n, o0 + k, z, yy, w0 + dw * q] = row[q, k] + b
 
 
-def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY, cl):  # pragma: no cover - compiled
+def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, a0, DY, cl):  # pragma: no cover - compiled
     """Items of the output-gradient transform (the adjoint of :func:`_output_worker`):
     ``DY[p, t, j] = ((A_d (x) A_h (x) A_w) dy_tile[o0 + j])[p]`` on the tile rows
     ``r0 <= r < r1``, each tile ``m_d x m_h x m_w`` read from ``dy`` with zeros beyond
     the output's extent and in lanes ``o0 + j >= O``; an item is ``twc`` tiles of one
     tile row, all ``L`` output channels being the vector lanes. ``dy`` is ``(N, O, Do,
-    Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last)."""
+    Ho, Wo)``, or ``(N, Do, Ho, Wo, O)`` with ``cl`` (channels-last). ``DY`` holds the slab
+    of depth points ``a0 <= iz < a0 + P // (ah * aw)`` only."""
     if cl:
         N, Do, Ho, Wo, O = dy.shape
     else:
@@ -998,6 +1122,7 @@ def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY, cl):  # pragma: no cover
     ad, ah, aw = _alpha(md), _alpha(mh), _alpha(mw)
     P, T, L = DY.shape
     DY2 = DY.reshape(P, T * L)
+    pz = P // (ah * aw)
     no = max(0, min(L, O - o0))
     nwc = (TW + twc - 1) // twc
     items = (r1 - r0) * nwc
@@ -1048,14 +1173,17 @@ def _grad_worker(task, ntasks, dy, geo, r0, r1, o0, DY, cl):  # pragma: no cover
         # A along D (rows kz -> iz), along H (iz*mh + ky -> iz*ah + iy), along W into DY
         T2 = Tbuf[: ad * mh * S].reshape(ad * mh, S)
         R2 = Rbuf[: ad * ah * S].reshape(ad * ah, S)
-        _a(md, Ybuf[: md * mh * S].reshape(md, mh * S), 0, 0, T2.reshape(ad, mh * S), 0, 0,
-           mh * S)  # fmt: skip
-        for iz in range(ad):
+        Y2 = Ybuf[: md * mh * S].reshape(md, mh * S)
+        if pz == ad:
+            _a(md, Y2, 0, 0, T2.reshape(ad, mh * S), 0, 0, mh * S)
+        else:
+            _a_slab(md, Y2, a0, pz, T2.reshape(ad, mh * S), mh * S)
+        for iz in range(a0, a0 + pz):
             _a(mh, T2, iz * mh, 0, R2, iz * ah, 0, S)
         R3 = R2.reshape(ad * ah * mw, ntw * L)
         col = ((r - r0) * TW + tw0) * L
-        for izy in range(ad * ah):
-            _a(mw, R3, izy * mw, 0, DY2, izy * aw, col, ntw * L)
+        for izy in range(a0 * ah, (a0 + pz) * ah):
+            _a(mw, R3, izy * mw, 0, DY2, (izy - a0 * ah) * aw, col, ntw * L)
 
 
 @compile_once
@@ -1069,6 +1197,7 @@ def _kernels() -> dict:
     module = globals()
     inline = numba.njit(inline="always", fastmath=fm, cache=True)
     helpers = ("_alpha", "_taps", "_split_row", "_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt")
+    helpers += ("_at_slab", "_a_slab")
     for name in helpers:
         module[name] = inline(module[name])
     jit = numba.njit(nogil=True, fastmath=fm, cache=True)
@@ -1110,24 +1239,26 @@ def forward(
     geo_in, geo_out = _geos(geom, plan)
     y = np.empty(_layout_shape(geom.out_shape, channels_last), dtype=dtype)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
-    P, Cp, ob, tb = plan.P, plan.Cp, plan.ob, plan.rb * plan.grid[2]
-    Ubuf = np.empty(P * Cp * ob, dtype=dtype)
-    Vbuf = np.empty(P * tb * Cp, dtype=dtype)
-    Mbuf = np.empty(P * tb * ob, dtype=dtype)
+    Ps, Cp, ob, tb = plan.Ps, plan.Cp, plan.ob, plan.rb * plan.grid[2]
+    Ubuf = np.empty(Ps * Cp * ob, dtype=dtype)
+    Vbuf = np.empty(Ps * tb * Cp, dtype=dtype)
+    Mbuf = np.empty(Ps * tb * ob, dtype=dtype)
+    cl = channels_last
+    no_bias = b[:0]
     with single_threaded_blas() as split:
-        if plan.whole:  # U once, for every block
-            _run(kernels["weight"], nw, w3, plan.ms, 0, Ubuf.reshape(P, Cp, ob))
-        for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, channels_last):
-            nb = V.shape[1]
+        for a0, r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, cl):
+            P, nb = V.shape[:2]  # (the slab's points)
             U = Ubuf[: P * Cp * (o1 - o0)].reshape(P, Cp, o1 - o0)
-            if not plan.whole:  # this block's chunk of U, computed again
-                _run(kernels["weight"], nw, w3, plan.ms, o0, U)
+            if not plan.whole or r0 == 0:  # the slab's U once, or each block's chunk again
+                _run(kernels["weight"], nw, w3, plan.ms, o0, a0, U)
             M = Mbuf[: P * nb * (o1 - o0)].reshape(P, nb, o1 - o0)
             # P GEMMs (nb x Cp) @ (Cp x Ob): numpy's matmul loops over P in C (the
             # same calls through ctypes, _blas.gemm_batch, measured 8% slower on
             # U-Net enc2's 32 x 64 products), split over the threads (see _gemms).
             _gemms(np.matmul, split, nw, V, U, M)
-            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, y, b, channels_last)
+            # the first slab writes y (with the bias), the others add their share
+            bias_or_none = b if a0 == 0 else no_bias
+            _run(kernels["output"], nw, M, geo_out, r0, r1, o0, a0, y, bias_or_none, a0 > 0, cl)
     return y
 
 
@@ -1137,16 +1268,20 @@ def _layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...
 
 
 def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf, channels_last: bool):
-    """``(r0, r1, V, o0, o1)`` for every block of tile rows ``[r0, r1)`` and chunk of
-    output channels ``[o0, o1)``, with ``V`` the block's transformed input (computed once
-    per block, in ``Vbuf``)."""
-    P, Cp, TW = plan.P, plan.Cp, plan.grid[2]
-    for r0 in range(0, plan.rows, plan.rb):
-        r1 = min(plan.rows, r0 + plan.rb)
-        V = Vbuf[: P * (r1 - r0) * TW * Cp].reshape(P, (r1 - r0) * TW, Cp)
-        _run(kernels["input"], nw, x, geo_in, r0, r1, V, channels_last)
-        for o0 in range(0, plan.Op, plan.ob):
-            yield r0, r1, V, o0, min(plan.Op, o0 + plan.ob)
+    """``(a0, r0, r1, V, o0, o1)`` for every slab of depth points from ``a0``, block of
+    tile rows ``[r0, r1)`` and chunk of output channels ``[o0, o1)``, with ``V`` the
+    block's transformed input on the slab's points (computed once per slab and block, in
+    ``Vbuf``)."""
+    Cp, TW = plan.Cp, plan.grid[2]
+    ad = _points(plan.ms)[0]
+    for a0 in plan.slabs:
+        P = plan.P // ad * (min(ad, a0 + plan.pz) - a0)
+        for r0 in range(0, plan.rows, plan.rb):
+            r1 = min(plan.rows, r0 + plan.rb)
+            V = Vbuf[: P * (r1 - r0) * TW * Cp].reshape(P, (r1 - r0) * TW, Cp)
+            _run(kernels["input"], nw, x, geo_in, r0, r1, a0, V, channels_last)
+            for o0 in range(0, plan.Op, plan.ob):
+                yield a0, r0, r1, V, o0, min(plan.Op, o0 + plan.ob)
 
 
 def _geos(geom: ConvGeometry, plan: _Plan) -> tuple[tuple, tuple]:
@@ -1210,30 +1345,30 @@ def _weight_blocks(kernels, nw, split, x, dy, dw, plan: _Plan, geo_in, geo_gr, c
     """The blocked loop of :func:`backward_weight` into ``dw (O, C, taps)``: ``Mw`` whole,
     accumulated over the blocks and transformed once at the end, or per chunk of output
     channels and block, each transformed and added to ``dw`` in turn."""
-    P, Cp, ob, tb = plan.P, plan.Cp, plan.ob, plan.rb * plan.grid[2]
+    Ps, Cp, ob, tb = plan.Ps, plan.Cp, plan.ob, plan.rb * plan.grid[2]
     dtype = dw.dtype
     # Mw (P, X, Y): Y, the lanes of BLAS's m, is the smaller of (C, O) (gemm_nt_acc)
     o_first = Cp <= ob
-    Mbuf = np.zeros(P * Cp * ob, dtype=dtype)
-    Vbuf = np.empty(P * tb * Cp, dtype=dtype)
-    Dbuf = np.empty(P * tb * ob, dtype=dtype)
-    for r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, cl):
-        nb = V.shape[1]
+    Mbuf = np.empty(Ps * Cp * ob, dtype=dtype)
+    Vbuf = np.empty(Ps * tb * Cp, dtype=dtype)
+    Dbuf = np.empty(Ps * tb * ob, dtype=dtype)
+    for a0, r0, r1, V, o0, o1 in _block_chunks(plan, kernels, nw, x, geo_in, Vbuf, cl):
+        P, nb = V.shape[:2]  # (the slab's points)
         L = o1 - o0
         X, Y = (L, Cp) if o_first else (Cp, L)
         Mw = Mbuf[: P * X * Y].reshape(P, X, Y)
         DY = Dbuf[: P * nb * L].reshape(P, nb, L)
-        _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, DY, cl)
+        _run(kernels["grad"], nw, dy, geo_gr, r0, r1, o0, a0, DY, cl)
         a, b = (V, DY) if o_first else (DY, V)  # a has the Y lanes, b the X lanes
-        # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the blocks
-        beta = 1.0 if plan.whole else 0.0
+        # Mw[p] (X x Y) (+)= b[p]^T @ a[p]: whole, it accumulates over the slab's blocks
+        beta = 1.0 if plan.whole and r0 > 0 else 0.0
         _gemms(gemm_batch, split, nw, b.transpose(0, 2, 1), a, Mw, beta=beta)
-        if not plan.whole:  # this chunk's share of dw; the first block writes it
-            _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, o0, r0 > 0, dw)
-    if plan.whole:
-        del Vbuf, Dbuf, V, DY, a, b
-        Mw = Mbuf.reshape(P, *((plan.Op, Cp) if o_first else (Cp, plan.Op)))
-        _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, 0, False, dw)
+        # through G^T into dw: a chunk per block, or the whole slab after its last block;
+        # the first writes dw, the others add their share
+        if not plan.whole:
+            _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, o0, a0, r0 > 0 or a0 > 0, dw)
+        elif r1 == plan.rows:
+            _run(kernels["weight_out"], nw, Mw, plan.ms, o_first, 0, a0, a0 > 0, dw)
 
 
 def _gemm_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
