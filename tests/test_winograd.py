@@ -379,12 +379,12 @@ def test_engine_uses_winograd_weight_gradient(algorithm, monkeypatch, rng):
     """The chooser keeps Winograd for dw where prefer_weight says so, else the unfolding."""
     algorithm(None)
     f32 = np.dtype(np.float32)
+    # ... C3D conv5a too: its Mw goes in channel chunks, each computed once (one block)
     for shape, O in [((2, 128, 8, 28, 28), 256), ((1, 32, 64, 64, 64), 64),
-                     ((2, 128, 16, 16, 16), 256)]:  # fmt: skip
+                     ((2, 128, 16, 16, 16), 256), ((16, 512, 2, 7, 7), 512)]:  # fmt: skip
         assert winograd.prefer_weight(_geometry(shape, O, (1, 1, 1)), f32)
-    # 8 input channels (half-empty lanes); C3D conv5a (Mw would need channel chunks)
+    # 8 input channels (half-empty lanes)
     assert not winograd.prefer_weight(_geometry((1, 8, 32, 32, 32), 16, (1, 1, 1)), f32)
-    assert not winograd.prefer_weight(_geometry((16, 512, 2, 7, 7), 512, (1, 1, 1)), f32)
     calls = []
     real = winograd.backward_weight
     monkeypatch.setattr(winograd, "backward_weight", lambda *a: calls.append(1) or real(*a))
@@ -460,7 +460,8 @@ def test_chunks_recomputed_for_every_block(no_slabs, workspace, rng, dtype):
 
 def test_chooser_takes_chunks_where_they_pay(no_slabs, algorithm, workspace):
     """Under a 32 MiB cap C3D conv3a's U (27 MiB) goes in chunks, and Winograd still
-    pays; C3D conv5a's (F(2) on its depth of 2: 5.9 multiplications per output) does not."""
+    pays; C3D conv5a's (F(2) on its depth of 2: 5.9 multiplications per output) does not,
+    unless one block holds all its tiles (no chunk computed twice)."""
     algorithm(None)
     workspace(32 << 20)
     f32 = np.dtype(np.float32)
@@ -469,8 +470,14 @@ def test_chooser_takes_chunks_where_they_pay(no_slabs, algorithm, workspace):
     assert engine.choose(c3d_conv3a, f32) == "winograd"
     assert winograd.prefer_weight(c3d_conv3a, f32)
     c3d_conv5a = _geometry((16, 512, 2, 7, 7), 512, (1, 1, 1))
-    assert winograd._plan(c3d_conv5a, 4, winograd._threads()) is not None
+    plan = winograd._plan(c3d_conv5a, 4, winograd._threads())
+    assert plan is not None and plan.rb < plan.rows  # chunks again for every block
     assert not winograd.prefer(c3d_conv5a, f32)
+    # at the default cap one block takes all 64 tiles: each chunk is computed once
+    workspace(64 << 20)
+    plan = winograd._plan(c3d_conv5a, 4, winograd._threads())
+    assert not plan.whole and plan.rb == plan.rows and len(plan.slabs) == 1
+    assert winograd.prefer(c3d_conv5a, f32)
 
 
 def test_chooser(algorithm):
@@ -763,3 +770,20 @@ def test_slabs_under_a_tight_cap(algorithm, workspace, rng):
         tracemalloc.stop()
     assert peak - y.nbytes <= cap
     assert _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32) <= C_F4
+
+
+def test_one_block_of_chunks_before_slabs(algorithm, workspace):
+    """Chunks that one block covers compute nothing twice, slabs gather the input again:
+    the planner takes the chunks (C3D conv5a, 64 tiles, at the default cap), and slabs
+    where chunks would need several blocks (C3D conv3a under 16 MiB)."""
+    algorithm(None)
+    workspace(64 << 20)
+    c3d_conv5a = _geometry((16, 512, 2, 7, 7), 512, (1, 1, 1))
+    for kind in ("forward", "weight"):
+        plan = winograd._plan(c3d_conv5a, 4, 2, kind)
+        assert not plan.whole and plan.rb == plan.rows and len(plan.slabs) == 1
+    workspace(16 << 20)
+    c3d_conv3a = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
+    for kind in ("forward", "weight"):
+        plan = winograd._plan(c3d_conv3a, 4, 2, kind)
+        assert plan.whole and len(plan.slabs) > 1
