@@ -109,3 +109,41 @@ def test_chooser_takes_depth_kernels():
         1,
     )
     assert engine.choose(g, np.dtype(np.float32)) == "pointwise"
+
+
+def _last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 4, 1))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_equals_ncdhw(name, dtype, algorithm):
+    """Where pointwise computes NDHWC as it lies (1x1x1 and depth-only kernels, stride
+    1, one group), its three passes give the NCDHW results (the same products, summed
+    over other row windows; float64 to 1e-12), and leave their inputs alone."""
+    x_shape, w_shape, stride, pads, dilation = CASES[name]
+    geom = engine.conv_geometry(x_shape, w_shape, stride, pads, dilation, w_shape[0])
+    if not pointwise.channels_last(geom):
+        assert geom.stride != (1, 1, 1) or geom.G > 1
+        return
+    algorithm(None)
+    assert engine.channels_last(geom, dtype)
+    rng = np.random.default_rng(len(name))
+    x = rng.standard_normal(geom.in_shape).astype(dtype)
+    w = rng.standard_normal(geom.w_shape).astype(dtype)
+    dy = rng.standard_normal(geom.out_shape).astype(dtype)
+    b = rng.standard_normal(geom.O).astype(dtype)
+    xl, dyl = _last(x), _last(dy)
+    xl0, dyl0 = xl.copy(), dyl.copy()
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    y = pointwise.forward(x, w, geom) + b.reshape(-1, 1, 1, 1)
+    for got, want in (
+        (engine.ndhwc_forward(xl, w, geom, b), _last(y)),
+        (engine.ndhwc_backward_input(dyl, w, geom), _last(pointwise.backward_input(dy, w, geom))),
+        (engine.ndhwc_backward_weight(xl, dyl, geom), pointwise.backward_weight(x, dy, geom)),
+    ):  # fmt: skip
+        assert got.dtype == dtype and got.shape == want.shape
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
+    np.testing.assert_array_equal(xl, xl0)
+    np.testing.assert_array_equal(dyl, dyl0)

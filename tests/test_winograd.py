@@ -787,3 +787,35 @@ def test_one_block_of_chunks_before_slabs(algorithm, workspace):
     for kind in ("forward", "weight"):
         plan = winograd._plan(c3d_conv3a, 4, 2, kind)
         assert plan.whole and len(plan.slabs) > 1
+
+
+def test_r2plus1d_block_in_channels_last_is_never_transposed(algorithm, monkeypatch, rng):
+    """An R(2+1)D block in NDHWC, spatial 1x3x3 (Winograd) then temporal 3x1x1
+    (pointwise depth taps), forward and backward through both layers, without one
+    transpose; the same results as the NCDHW block."""
+    from volconv.autodiff import GradManager
+
+    algorithm(None)
+    F = volconv.functional
+    x = rng.standard_normal((1, 16, 6, 14, 15)).astype(np.float32)
+    ws = rng.standard_normal((24, 16, 1, 3, 3)).astype(np.float32) * 0.2
+    wt = rng.standard_normal((16, 24, 3, 1, 1)).astype(np.float32) * 0.2
+    spatial = _geometry(x.shape, 24, (0, 1, 1), kernel=(1, 3, 3))
+    assert engine.choose(spatial, np.dtype(np.float32)) == "winograd"
+
+    def run(xa, fmt):
+        params = [volconv.Parameter(a) for a in (xa, ws, wt)]
+        gm = GradManager().attach(params)
+        with gm:
+            h = F.relu(F.conv3d(params[0], params[1], padding=(0, 1, 1), format=fmt))
+            y = F.conv3d(h, params[2], padding=(1, 0, 0), format=fmt)
+            gm.backward((y * y).sum())
+        return [y.numpy()] + [p.grad.numpy() for p in params]
+
+    want = run(x, "NCDHW")
+    with monkeypatch.context() as patch:
+        _no_transposes(patch)
+        got = run(_last(x), "NDHWC")
+    pairs = zip(got, (_last(want[0]), _last(want[1]), want[2], want[3]), strict=True)
+    for g, w in pairs:
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()))

@@ -235,15 +235,24 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.nda
 # --------------------------------------------------------------------- channels last
 #
 # In NDHWC ("channels-last") a dense, stride-1, unpadded 1x1x1 layer is one GEMM on the
-# arrays exactly as they are, ``(positions, C) @ (C, O)``: no transpose in or out, so a
-# chain of such layers in NDHWC never changes layout. (Other layers are computed in
-# NCDHW, between two transposes: see volconv/functional/_padding.py.)
+# arrays exactly as they are, ``(positions, C) @ (C, O)``, and a depth-only ``(kd, 1, 1)``
+# layer (stride 1, no in-plane padding) is ``kd`` GEMMs per item on row windows of the
+# flattened ``(planes*H*W, channels)`` arrays (tap ``a`` shifts the planes, as in NCDHW's
+# column windows): no transpose in or out, so a chain of such layers (with Winograd's
+# 3x3x3 / 1x3x3 layers: R(2+1)D's blocks) in NDHWC never changes layout. (Other layers
+# are computed in NCDHW, between two transposes: see volconv/functional/_padding.py.)
 
 
 def channels_last(geom: ConvGeometry) -> bool:
-    """Whether the layer's NDHWC form is computed here without a transpose."""
+    """Whether the layer's NDHWC form is computed here without a transpose: dense
+    stride-1 layers with a 1x1x1 kernel and no padding, or a ``(kd, 1, 1)`` kernel
+    without in-plane padding (any depth padding and dilation)."""
     one = (1, 1, 1)
-    return geom.G == 1 and geom.kernel == one and geom.stride == one and geom.pads == ((0, 0),) * 3
+    if geom.G != 1 or geom.stride != one or geom.kernel[1:] != (1, 1):
+        return False
+    if geom.pads[1:] != ((0, 0), (0, 0)):
+        return False
+    return geom.kernel[0] > 1 or geom.pads[0] == (0, 0)
 
 
 def _rows(a: np.ndarray, channels: int) -> np.ndarray:
@@ -251,32 +260,81 @@ def _rows(a: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1, channels)
 
 
+def _depth_gemms_channels_last(src: np.ndarray, w: np.ndarray, geom: ConvGeometry, adjoint: bool):
+    """:func:`_depth_gemms` in NDHWC: per item and tap ``a`` one GEMM between row windows
+    of the flattened ``src[n] (planes*H*W, k)`` and result, ``res[planes] (+)= src[planes +
+    shift] @ W_a^T`` (forward) or ``@ W_a`` (input gradient)."""
+    O, C = geom.O, geom.C
+    HW = geom.spatial_in[1] * geom.spatial_in[2]
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    wt = np.ascontiguousarray(w.reshape(O, C, -1).transpose(2, 0, 1), dtype=src.dtype)
+    planes, width = (D, C) if adjoint else (Do, O)
+    src_planes, k = (Do, O) if adjoint else (D, C)
+    src = np.ascontiguousarray(src).reshape(geom.N, src_planes * HW, k)
+    taps, zero_first = _ordered_taps(geom, planes, input_side=adjoint)
+    res = (np.zeros if zero_first else np.empty)((geom.N, planes * HW, width), dtype=src.dtype)
+    for n in range(geom.N):
+        for i, (a, z0, z1, zi0) in enumerate(taps):
+            s0, r0 = (z0, zi0) if adjoint else (zi0, z0)  # first src / result plane
+            rows = (z1 - z0) * HW
+            op = wt[a] if adjoint else wt[a].T
+            gemm_batch(
+                src[n, s0 * HW : s0 * HW + rows][None],
+                op[None],
+                res[n, r0 * HW : r0 * HW + rows][None],
+                beta=1.0 if i or zero_first else 0.0,
+            )
+    return res
+
+
 def forward_channels_last(
     x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None
 ) -> np.ndarray:
-    """``y (N, D, H, W, O) = x (N, D, H, W, C) @ W^T (+ bias)``, one GEMM."""
-    x2 = _rows(x, geom.C)
-    w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=x.dtype)
-    y = np.empty((x2.shape[0], geom.O), dtype=x.dtype)
-    gemm_batch(x2[None], w2.T[None], y[None])
+    """``y (N, D, H, W, O) = x (N, D, H, W, C) @ W^T (+ bias)``: one GEMM, or one per depth
+    tap and item."""
+    if geom.kernel[0] > 1:
+        y = _depth_gemms_channels_last(x, w, geom, adjoint=False)
+    else:
+        x2 = _rows(x, geom.C)
+        w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=x.dtype)
+        y = np.empty((x2.shape[0], geom.O), dtype=x.dtype)
+        gemm_batch(x2[None], w2.T[None], y[None])
     if bias is not None:
         y += np.asarray(bias, dtype=x.dtype).reshape(geom.O)
-    return y.reshape(*x.shape[:4], geom.O)
+    return y.reshape(geom.N, *geom.spatial_out, geom.O)
 
 
 def backward_input_channels_last(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``dx (N, D, H, W, C) = dy (N, D, H, W, O) @ W``, one GEMM."""
-    dy2 = _rows(dy, geom.O)
-    w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=dy.dtype)
-    dx = np.empty((dy2.shape[0], geom.C), dtype=dy.dtype)
-    gemm_batch(dy2[None], w2[None], dx[None])
-    return dx.reshape(*dy.shape[:4], geom.C)
+    """``dx (N, D, H, W, C) = dy (N, D, H, W, O) @ W``: one GEMM, or one per depth tap and
+    item."""
+    if geom.kernel[0] > 1:
+        dx = _depth_gemms_channels_last(dy, w, geom, adjoint=True)
+    else:
+        dy2 = _rows(dy, geom.O)
+        w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=dy.dtype)
+        dx = np.empty((dy2.shape[0], geom.C), dtype=dy.dtype)
+        gemm_batch(dy2[None], w2[None], dx[None])
+    return dx.reshape(geom.N, *geom.spatial_in, geom.C)
 
 
 def backward_weight_channels_last(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """``dW (O, C) = dy^T @ x`` over every position, one GEMM; shape ``geom.w_shape``."""
-    x2 = _rows(x, geom.C)
-    dy2 = _rows(dy, geom.O).astype(x.dtype, copy=False)
-    dw = np.empty((geom.O, geom.C), dtype=x.dtype)
-    gemm_batch(dy2.T[None], x2[None], dw[None])
-    return dw.reshape(geom.w_shape)
+    """``dW (O, C) = dy^T @ x`` over every position: one GEMM, or per depth tap ``a`` the
+    sum over items of ``dy[planes]^T @ x[planes + shift]``; shape ``geom.w_shape``."""
+    kd = geom.kernel[0]
+    if kd == 1:
+        x2 = _rows(x, geom.C)
+        dy2 = _rows(dy, geom.O).astype(x.dtype, copy=False)
+        dw = np.empty((geom.O, geom.C), dtype=x.dtype)
+        gemm_batch(dy2.T[None], x2[None], dw[None])
+        return dw.reshape(geom.w_shape)
+    HW = geom.spatial_in[1] * geom.spatial_in[2]
+    D, Do = geom.spatial_in[0], geom.spatial_out[0]
+    x3 = np.ascontiguousarray(x).reshape(geom.N, D * HW, geom.C)
+    dy3 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(geom.N, Do * HW, geom.O)
+    acc = np.zeros((kd, geom.O, geom.C), dtype=x.dtype)
+    for n in range(geom.N):
+        for a, z0, z1, zi0 in _depth_taps(geom):
+            rows = (z1 - z0) * HW
+            d = dy3[n, z0 * HW : z0 * HW + rows]
+            gemm_batch(d.T[None], x3[n, zi0 * HW : zi0 * HW + rows][None], acc[a][None], 1.0)
+    return np.ascontiguousarray(acc.transpose(1, 2, 0)).reshape(geom.w_shape)
