@@ -223,3 +223,95 @@ def test_many_channels_per_group_not_supported():
     g = conv_geometry((1, 64, 4, 4, 4), (2, 2, 32, 3, 3, 3), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1), 2)
     assert not depthwise.supports(g)
     assert volconv.config.algorithm is None
+
+
+# ---- channels-last: NDHWC computed as it lies -------------------------------------------
+def _last(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 4, 1))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_channels_last_float64(case, algorithm):
+    """Depthwise layers with multiplier 1 (any stride, padding, dilation, negative pads)
+    in NDHWC: forward with bias, input gradient (the adjoint's forward at stride 1, the
+    NCDHW kernel between transposes when strided) and weight gradient equal the oracle
+    and im2col in float64, through the engine's NDHWC entry points."""
+    g, x, w, dy = _arrays(case)
+    algorithm(None)
+    native = g.Cg == 1 and g.Og == 1
+    assert engine.channels_last(g, np.float64) == native
+    if not native:
+        return
+    b = np.random.default_rng(7).standard_normal(g.O)
+    xl, dyl = _last(x), _last(dy)
+    y = engine.ndhwc_forward(xl, w, g, b)
+    ref = conv3d_reference(x, w, g) + b.reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(y, _last(ref), rtol=1e-12, atol=1e-12)
+    dx = engine.ndhwc_backward_input(dyl, w, g)
+    np.testing.assert_allclose(dx, _last(im2col.backward_input(dy, w, g)), rtol=1e-12, atol=1e-12)
+    dw = engine.ndhwc_backward_weight(xl, dyl, g)
+    np.testing.assert_allclose(dw, im2col.backward_weight(x, dy, g), rtol=1e-12, atol=1e-11)
+    np.testing.assert_array_equal(xl, _last(x))  # inputs left alone
+    np.testing.assert_array_equal(dyl, _last(dy))
+
+
+def test_channels_last_float32_and_reproducible(threads):
+    """float32 NDHWC within the float32 bound of the NCDHW kernel's error, and bitwise
+    the same from call to call (per thread count: the rows are split by task)."""
+    case = ("x3d", (2, 24, 6, 9, 10), 24, 1, (3, 3, 3), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1))
+    g, x, w, dy = _arrays(case)
+    x32, w32, dy32 = (a.astype(np.float32) for a in (x, w, dy))
+    threads(2)
+    runs = [
+        (
+            depthwise.forward_channels_last(_last(x32), w32, g),
+            depthwise.backward_weight_channels_last(_last(x32), _last(dy32), g),
+        )
+        for _ in range(2)
+    ]
+    for a, b in zip(*runs, strict=True):
+        assert a.tobytes() == b.tobytes()
+    y, dw = runs[0]
+    y64 = conv3d_reference(x32.astype(np.float64), w32.astype(np.float64), g)
+    bound = 4 * EPS32 * np.sqrt(g.taps) * float(np.abs(y64).max())
+    assert np.abs(y - _last(y64)).max() <= bound
+    dw64 = im2col.backward_weight(x32.astype(np.float64), dy32.astype(np.float64), g)
+    K = g.N * int(np.prod(g.spatial_out))
+    assert np.abs(dw - dw64).max() <= 4 * EPS32 * np.sqrt(K) * float(np.abs(dw64).max())
+
+
+def test_x3d_block_in_channels_last_is_never_transposed(algorithm, monkeypatch):
+    """An X3D bottleneck in NDHWC (1x1x1 expand, 3x3x3 depthwise, 1x1x1 project),
+    forward and backward, without one transpose; the NCDHW block's results."""
+    from volconv.autodiff import GradManager
+    from volconv.functional import _padding
+
+    algorithm(None)
+    F = volconv.functional
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 8, 5, 9, 10)).astype(np.float32)
+    w1 = rng.standard_normal((24, 8, 1, 1, 1)).astype(np.float32) * 0.3
+    wd = rng.standard_normal((24, 1, 1, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((8, 24, 1, 1, 1)).astype(np.float32) * 0.3
+
+    def run(xa, fmt):
+        params = [volconv.Parameter(a) for a in (xa, w1, wd, w2)]
+        gm = GradManager().attach(params)
+        with gm:
+            h = F.relu(F.conv3d(params[0], params[1], format=fmt))
+            h = F.relu(F.conv3d(h, params[2], padding=1, groups=24, format=fmt))
+            y = F.conv3d(h, params[3], format=fmt)
+            gm.backward((y * y).sum())
+        return [y.numpy()] + [p.grad.numpy() for p in params]
+
+    want = run(x, "NCDHW")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transpose_channels called")
+
+    for module in (engine, _padding):
+        monkeypatch.setattr(module, "transpose_channels", refuse)
+    got = run(_last(x), "NDHWC")
+    expected = (_last(want[0]), _last(want[1]), *want[2:])
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.abs(b).max()))

@@ -298,13 +298,23 @@ def test_ndhwc_agrees_with_ncdhw(p, transpose, data):
         inp, dy = x, rng.standard_normal(geom.out_shape)
     inp, dy = inp.astype(dtype), dy.astype(dtype)
     with forced(name):
+        # conv3d's NDHWC layers that the engine computes as they lie (engine.channels_last)
+        native = not transpose and engine.channels_last(geom, np.dtype(dtype))
         y, grads = _grads(fn, [inp, w, b], dy, **kwargs)
         y_cl, grads_cl = _grads(fn, [_cl(inp), w, b], _cl(dy), format="NDHWC", **kwargs)
-    # the layouts share one computation: the results are bitwise the same
-    np.testing.assert_array_equal(y_cl, _cl(y))
-    np.testing.assert_array_equal(grads_cl[0], _cl(grads[0]))
-    for g_cl, g in zip(grads_cl[1:], grads[1:], strict=True):
-        np.testing.assert_array_equal(g_cl, g)
+    rest = zip(grads_cl[1:], grads[1:], strict=True)
+    pairs = [(y_cl, _cl(y)), (grads_cl[0], _cl(grads[0])), *rest]
+    if not native:  # one computation between two transposes: bitwise the same
+        for got, want in pairs:
+            np.testing.assert_array_equal(got, want)
+        return
+    # NDHWC kernels of their own sum in other orders: equal within rounding (the longest
+    # sum is the weight gradient's, over every output position)
+    K = max(geom.reduction, geom.N * int(np.prod(geom.spatial_out)), 1)
+    eps = float(np.finfo(dtype).eps)
+    for got, want in pairs:
+        scale = float(np.abs(want).max(initial=0.0))
+        np.testing.assert_allclose(got, want, rtol=0, atol=16 * eps * np.sqrt(K) * scale + 1e-30)
 
 
 # ---- (e) Winograd's gradients on the geometries it now takes -----------------------------------

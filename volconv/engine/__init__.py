@@ -373,9 +373,10 @@ def _native_layout(geom: ConvGeometry, dtype) -> str | None:
     """The algorithm that computes this layer's NDHWC form as it is, or None."""
     if config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom):
         return pointwise.NAME
-    if config.algorithm in (None, winograd.NAME) and not _autotune.active():
-        if choose(geom, np.dtype(dtype)) == winograd.NAME:
-            return winograd.NAME
+    if config.algorithm in (None, winograd.NAME, depthwise.NAME) and not _autotune.active():
+        name = choose(geom, np.dtype(dtype))
+        if name == winograd.NAME or (name == depthwise.NAME and depthwise.channels_last(geom)):
+            return name
     return None
 
 
@@ -388,7 +389,10 @@ def channels_last(geom: ConvGeometry, dtype=np.float32) -> bool:
       enough channels): its transforms gather and scatter whole channel vectors, so an
       NDHWC sample is read as it lies. Its gradients are NDHWC where they are Winograd's
       too; the others (and non-finite data, see ``FINITE_ONLY``) go through NCDHW
-      between transposes, inside these functions.
+      between transposes, inside these functions;
+    - depthwise layers (one channel per group, multiplier 1: X3D's, MobileNet's), any
+      stride: the channels are the vector lanes of direct loops. The input gradient of
+      a strided one goes through NCDHW between transposes.
 
     Not with an autotuned or forced other algorithm: those layers are computed in NCDHW.
     """
@@ -405,8 +409,11 @@ def ndhwc_forward(
 ) -> np.ndarray:
     """:func:`conv3d_forward` on ``x (N, D, H, W, C)``, giving ``(N, Do, Ho, Wo, O)``,
     for a layer with :func:`channels_last`."""
-    if _native_layout(geom, x.dtype) == pointwise.NAME:
+    native = _native_layout(geom, x.dtype)
+    if native == pointwise.NAME:
         return pointwise.forward_channels_last(x, w, geom, bias)
+    if native == depthwise.NAME:
+        return depthwise.forward_channels_last(x, w, geom, bias)
     if _all_finite(x) and _all_finite(w):
         return winograd.forward(x, w, geom, bias=bias, channels_last=True)
     return _via_ncdhw(lambda xc: conv3d_forward(xc, w, geom, bias), x)
@@ -416,8 +423,14 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
     """:func:`conv3d_backward_input` in NDHWC, for a layer with :func:`channels_last`:
     the forward of the adjoint where that is Winograd's (as :func:`conv3d_backward_input`
     takes it: 16+ input channels)."""
-    if _native_layout(geom, dy.dtype) == pointwise.NAME:
+    native = _native_layout(geom, dy.dtype)
+    if native == pointwise.NAME:
         return pointwise.backward_input_channels_last(dy, w, geom)
+    if native == depthwise.NAME:
+        if geom.stride != (1, 1, 1):
+            return _via_ncdhw(lambda g: conv3d_backward_input(g, w, geom), dy)
+        adjoint = transposed_geometry(geom)  # depthwise too, with the flipped kernel
+        return depthwise.forward_channels_last(dy, flip_weight(w), adjoint)
     adjoint = transposed_geometry(geom)
     if geom.C >= 16 and winograd.prefer(adjoint, dy.dtype) and _all_finite(dy):
         if _all_finite(w):
@@ -428,8 +441,11 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
 def ndhwc_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """:func:`conv3d_backward_weight` from NDHWC data, for a layer with
     :func:`channels_last`: Winograd's own where :func:`conv3d_backward_weight` takes it."""
-    if _native_layout(geom, x.dtype) == pointwise.NAME:
+    native = _native_layout(geom, x.dtype)
+    if native == pointwise.NAME:
         return pointwise.backward_weight_channels_last(x, dy, geom)
+    if native == depthwise.NAME:
+        return depthwise.backward_weight_channels_last(x, dy, geom)
     if config.algorithm == winograd.NAME or winograd.prefer_weight(geom, x.dtype):
         return winograd.backward_weight(x, dy, geom, channels_last=True)
     xc, dyc = transpose_channels(x, to_last=False), transpose_channels(dy, to_last=False)

@@ -57,7 +57,7 @@ import numpy as np
 
 from .. import config
 from ._args import ConvGeometry
-from ._numba_runtime import compile_once, numba_available, run_tasks
+from ._numba_runtime import TASKS_PER_THREAD, compile_once, numba_available, run_tasks
 
 NAME = "depthwise"
 
@@ -378,6 +378,105 @@ def _backward_input_worker(worker, nw, dy, w, dx, offs, geo, bufsize):  # pragma
             _scatter_add(dx, n, g * Cg, Cg, z0 * sd - pdl, geo, buf)
 
 
+# ------------------------------------------------------- channels-last (NDHWC) kernels
+#
+# In NDHWC a depthwise layer (one channel per group, multiplier 1) needs no buffer: a
+# sample's channels are contiguous, so every tap is ``acc[xo, :] += w[t, :] *
+# x[n, zi, yi, xi, :]``, one unit-stride loop over the channels (the vector lanes), taps
+# on padding skipped by bounds. Items are output rows ``(n, z, y)``; a row's accumulator
+# ``(Wo, C)`` stays in L1.
+
+
+def _cl_range(size, out, s, p, tap):  # pragma: no cover - compiled
+    """Outputs ``[lo, hi)`` along an axis whose input sample ``o*s - p + tap`` is in
+    ``[0, size)``."""
+    lo = 0
+    if tap < p:
+        lo = (p - tap + s - 1) // s
+    hi = min(out, (size - 1 + p - tap) // s + 1) if size - 1 + p - tap >= 0 else 0
+    return lo, max(lo, hi)
+
+
+def _cl_forward_worker(task, ntasks, x, w, bias, y, geo):  # pragma: no cover - compiled
+    """``y[n, z, yo, xo, c] = sum_t w[t, c] * x[n, z*sd - pd + a*dd, ..., c] (+ bias[c])``
+    for the output rows ``(n, z, yo)`` of this task; taps ``t = (a*kh + b)*kw + e``."""
+    N, D, H, W, C = x.shape
+    Do, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw = geo
+    rows = N * Do * Ho
+    acc = np.empty((Wo, C), dtype=y.dtype)
+    for r in range(task * rows // ntasks, (task + 1) * rows // ntasks):
+        n = r // (Do * Ho)
+        z = (r // Ho) % Do
+        yo = r % Ho
+        for xo in range(Wo):
+            for c in range(C):
+                acc[xo, c] = 0
+        for a in range(kd):
+            zi = z * sd - pd + a * dd
+            if zi < 0 or zi >= D:
+                continue
+            for b in range(kh):
+                yi = yo * sh - ph + b * dh
+                if yi < 0 or yi >= H:
+                    continue
+                src = x[n, zi, yi]
+                for e in range(kw):
+                    wt = w[(a * kh + b) * kw + e]
+                    lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
+                    for xo in range(lo, hi):
+                        s = src[xo * sw - pw + e * dw]
+                        for c in range(C):
+                            acc[xo, c] += wt[c] * s[c]
+        out = y[n, z, yo]
+        if bias.shape[0] == 0:
+            for xo in range(Wo):
+                for c in range(C):
+                    out[xo, c] = acc[xo, c]
+        else:
+            for xo in range(Wo):
+                for c in range(C):
+                    out[xo, c] = acc[xo, c] + bias[c]
+
+
+def _cl_weight_worker(task, ntasks, x, dy, geo, acc):  # pragma: no cover - compiled
+    """``acc[task, t, c] = sum dy[n, z, yo, xo, c] * x[n, ..shifted by tap t.., c]`` over
+    this task's output rows, each row's share summed in float32 (at most ``Wo`` terms)
+    and added in float64."""
+    N, D, H, W, C = x.shape
+    Do, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw = geo
+    rows = N * Do * Ho
+    part = np.empty(C, dtype=dy.dtype)
+    mine = acc[task]
+    for r in range(task * rows // ntasks, (task + 1) * rows // ntasks):
+        n = r // (Do * Ho)
+        z = (r // Ho) % Do
+        yo = r % Ho
+        g = dy[n, z, yo]
+        for a in range(kd):
+            zi = z * sd - pd + a * dd
+            if zi < 0 or zi >= D:
+                continue
+            for b in range(kh):
+                yi = yo * sh - ph + b * dh
+                if yi < 0 or yi >= H:
+                    continue
+                src = x[n, zi, yi]
+                for e in range(kw):
+                    t = (a * kh + b) * kw + e
+                    lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
+                    for c in range(C):
+                        part[c] = 0
+                    for xo in range(lo, hi):
+                        s = src[xo * sw - pw + e * dw]
+                        gx = g[xo]
+                        for c in range(C):
+                            part[c] += gx[c] * s[c]
+                    for c in range(C):
+                        mine[t, c] += part[c]
+
+
 @compile_once
 def _kernels() -> dict:
     """Wrap every kernel in ``numba.njit``, once per process; they compile (or load from
@@ -391,11 +490,17 @@ def _kernels() -> dict:
     # The workers see their helpers as globals, so those are wrapped first.
     for name in ("_fill", "_copy", "_columns", "_gather", "_scatter_add", "_taps_into", "_dy_grid"):
         module[name] = jit(module[name])
+    # The channels-last kernels contract multiply-adds into FMAs (still no reassociation:
+    # every sum keeps its order, so results are reproducible for a thread count).
+    cl = numba.njit(cache=True, fastmath={"contract"}, nogil=True)
+    module["_cl_range"] = numba.njit(cache=True, inline="always")(module["_cl_range"])
     return {
         "numba": numba,
         "forward": jit(_forward_worker),
         "backward_weight": jit(_backward_weight_worker),
         "backward_input": jit(_backward_input_worker),
+        "cl_forward": cl(_cl_forward_worker),
+        "cl_weight": cl(_cl_weight_worker),
     }
 
 
@@ -459,3 +564,44 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
     args = (dy, _weights(w, geom, dy.dtype), dx, plan["offs"], plan["geo"], plan["bufsize"])
     _run(kernels["backward_input"], nw, *args)
     return dx
+
+
+def channels_last(geom: ConvGeometry) -> bool:
+    """Whether the layer's NDHWC form is computed here as it lies: depthwise layers with
+    one channel per group and multiplier 1 (``G == C == O``)."""
+    return geom.Cg == 1 and geom.Og == 1 and numba_available()
+
+
+def _cl_geo(geom: ConvGeometry) -> tuple:
+    return (*geom.kernel, *geom.stride, *(p[0] for p in geom.pads), *geom.dilation)
+
+
+def forward_channels_last(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """``y (N, Do, Ho, Wo, C)`` from ``x (N, D, H, W, C)`` for a :func:`channels_last`
+    layer (any stride, padding, dilation), plus ``bias`` when given."""
+    x = np.ascontiguousarray(x)
+    y = np.empty((geom.N, *geom.spatial_out, geom.O), dtype=x.dtype)
+    if y.size == 0:
+        return y
+    wt = np.ascontiguousarray(w.reshape(geom.O, geom.taps).T, dtype=x.dtype)  # (taps, C)
+    b = np.zeros(0, x.dtype) if bias is None else np.asarray(bias, dtype=x.dtype).reshape(-1)
+    _run(_kernels()["cl_forward"], _threads(), x, wt, b, y, _cl_geo(geom))
+    return y
+
+
+def backward_weight_channels_last(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry):
+    """``dL/dw`` (shape ``geom.w_shape``) from NDHWC ``x`` and ``dy`` for a
+    :func:`channels_last` layer: per task float64 accumulators, added in task order."""
+    x = np.ascontiguousarray(x)
+    dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    nw = _threads()
+    ntasks = 1 if nw <= 1 else nw * TASKS_PER_THREAD  # as run_tasks splits the rows
+    acc = np.zeros((ntasks, geom.taps, geom.O), dtype=np.float64)
+    if x.size and dy.size:
+        _run(_kernels()["cl_weight"], nw, x, dy, _cl_geo(geom), acc)
+    dw = acc[0]
+    for task in range(1, ntasks):
+        dw = dw + acc[task]
+    return np.ascontiguousarray(dw.T, dtype=x.dtype).reshape(geom.w_shape)
