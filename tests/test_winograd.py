@@ -58,6 +58,18 @@ def _rel_error(y, ref, geom, dtype):
     return float(np.abs(y - ref).max()) / max(scale, 1e-300)
 
 
+def _traced_peak(fn):
+    """``(fn(), peak)``: the result of a call (after one to compile or load the kernels)
+    and the peak of what numpy allocated during it."""
+    fn()
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.fixture
 def tile():
     """Force one Winograd tile size for a test and restore the automatic choice."""
@@ -351,13 +363,7 @@ def test_weight_gradient_small_workspace_cap(workspace, rng):
     assert winograd.weight_workspace_bytes(geom, 4, winograd._threads()) <= cap
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     dy = rng.standard_normal(geom.out_shape).astype(np.float32)
-    winograd.backward_weight(x, dy, geom)  # compile / load the kernels outside the measurement
-    tracemalloc.start()
-    try:
-        dw = winograd.backward_weight(x, dy, geom)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    dw, peak = _traced_peak(lambda: winograd.backward_weight(x, dy, geom))
     assert peak - dw.nbytes <= cap
     assert _dw_error(dw, x, dy, geom, np.float32) <= C_DW_F4
 
@@ -411,13 +417,7 @@ def test_small_workspace_cap(workspace, rng):
     assert plan is not None and plan.rb < plan.rows  # several blocks
     assert winograd.workspace_bytes(geom, 4, winograd._threads()) <= cap
     x, w = _data(rng, geom, np.float32)
-    winograd.forward(x, w, geom)  # compile / load the kernels outside the measurement
-    tracemalloc.start()
-    try:
-        y = winograd.forward(x, w, geom)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    y, peak = _traced_peak(lambda: winograd.forward(x, w, geom))
     assert peak - y.nbytes <= cap
     c = _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32)
     assert c <= C_F4
@@ -761,13 +761,7 @@ def test_slabs_under_a_tight_cap(algorithm, workspace, rng):
     assert engine.choose(geom, np.dtype(np.float32)) == "winograd"
     assert winograd.prefer_weight(geom, np.dtype(np.float32))
     x, w = _data(rng, geom, np.float32)
-    winograd.forward(x, w, geom)  # compile / load the kernels outside the measurement
-    tracemalloc.start()
-    try:
-        y = winograd.forward(x, w, geom)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    y, peak = _traced_peak(lambda: winograd.forward(x, w, geom))
     assert peak - y.nbytes <= cap
     assert _rel_error(y, conv3d_reference(x, w, geom), geom, np.float32) <= C_F4
 

@@ -397,6 +397,25 @@ def _cl_range(size, out, s, p, tap):  # pragma: no cover - compiled
     return lo, max(lo, hi)
 
 
+def _cl_rows(z, yo, D, H, geo, rows):  # pragma: no cover - compiled
+    """The input rows that output row ``(z, yo)`` reads: ``rows[i] = (zi, yi, t0)`` for
+    every tap pair ``(a, b)`` inside the input (``t0 = (a*kh + b)*kw``, its first tap);
+    returns how many."""
+    kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw = geo
+    count = 0
+    for a in range(kd):
+        zi = z * sd - pd + a * dd
+        if zi < 0 or zi >= D:
+            continue
+        for b in range(kh):
+            yi = yo * sh - ph + b * dh
+            if yi < 0 or yi >= H:
+                continue
+            rows[count, 0], rows[count, 1], rows[count, 2] = zi, yi, (a * kh + b) * kw
+            count += 1
+    return count
+
+
 def _cl_forward_worker(task, ntasks, x, w, bias, y, geo):  # pragma: no cover - compiled
     """``y[n, z, yo, xo, c] = sum_t w[t, c] * x[n, z*sd - pd + a*dd, ..., c] (+ bias[c])``
     for the output rows ``(n, z, yo)`` of this task; taps ``t = (a*kh + b)*kw + e``."""
@@ -405,6 +424,7 @@ def _cl_forward_worker(task, ntasks, x, w, bias, y, geo):  # pragma: no cover - 
     kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw = geo
     rows = N * Do * Ho
     acc = np.empty((Wo, C), dtype=y.dtype)
+    inputs = np.empty((kd * kh, 3), dtype=np.int64)
     for r in range(task * rows // ntasks, (task + 1) * rows // ntasks):
         n = r // (Do * Ho)
         z = (r // Ho) % Do
@@ -412,22 +432,15 @@ def _cl_forward_worker(task, ntasks, x, w, bias, y, geo):  # pragma: no cover - 
         for xo in range(Wo):
             for c in range(C):
                 acc[xo, c] = 0
-        for a in range(kd):
-            zi = z * sd - pd + a * dd
-            if zi < 0 or zi >= D:
-                continue
-            for b in range(kh):
-                yi = yo * sh - ph + b * dh
-                if yi < 0 or yi >= H:
-                    continue
-                src = x[n, zi, yi]
-                for e in range(kw):
-                    wt = w[(a * kh + b) * kw + e]
-                    lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
-                    for xo in range(lo, hi):
-                        s = src[xo * sw - pw + e * dw]
-                        for c in range(C):
-                            acc[xo, c] += wt[c] * s[c]
+        for i in range(_cl_rows(z, yo, D, H, geo, inputs)):
+            src = x[n, inputs[i, 0], inputs[i, 1]]
+            for e in range(kw):
+                wt = w[inputs[i, 2] + e]
+                lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
+                for xo in range(lo, hi):
+                    s = src[xo * sw - pw + e * dw]
+                    for c in range(C):
+                        acc[xo, c] += wt[c] * s[c]
         out = y[n, z, yo]
         if bias.shape[0] == 0:
             for xo in range(Wo):
@@ -449,32 +462,26 @@ def _cl_weight_worker(task, ntasks, x, dy, geo, acc):  # pragma: no cover - comp
     rows = N * Do * Ho
     part = np.empty(C, dtype=dy.dtype)
     mine = acc[task]
+    inputs = np.empty((kd * kh, 3), dtype=np.int64)
     for r in range(task * rows // ntasks, (task + 1) * rows // ntasks):
         n = r // (Do * Ho)
         z = (r // Ho) % Do
         yo = r % Ho
         g = dy[n, z, yo]
-        for a in range(kd):
-            zi = z * sd - pd + a * dd
-            if zi < 0 or zi >= D:
-                continue
-            for b in range(kh):
-                yi = yo * sh - ph + b * dh
-                if yi < 0 or yi >= H:
-                    continue
-                src = x[n, zi, yi]
-                for e in range(kw):
-                    t = (a * kh + b) * kw + e
-                    lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
+        for i in range(_cl_rows(z, yo, D, H, geo, inputs)):
+            src = x[n, inputs[i, 0], inputs[i, 1]]
+            for e in range(kw):
+                t = inputs[i, 2] + e
+                lo, hi = _cl_range(W, Wo, sw, pw, e * dw)
+                for c in range(C):
+                    part[c] = 0
+                for xo in range(lo, hi):
+                    s = src[xo * sw - pw + e * dw]
+                    gx = g[xo]
                     for c in range(C):
-                        part[c] = 0
-                    for xo in range(lo, hi):
-                        s = src[xo * sw - pw + e * dw]
-                        gx = g[xo]
-                        for c in range(C):
-                            part[c] += gx[c] * s[c]
-                    for c in range(C):
-                        mine[t, c] += part[c]
+                        part[c] += gx[c] * s[c]
+                for c in range(C):
+                    mine[t, c] += part[c]
 
 
 @compile_once
@@ -493,7 +500,8 @@ def _kernels() -> dict:
     # The channels-last kernels contract multiply-adds into FMAs (still no reassociation:
     # every sum keeps its order, so results are reproducible for a thread count).
     cl = numba.njit(cache=True, fastmath={"contract"}, nogil=True)
-    module["_cl_range"] = numba.njit(cache=True, inline="always")(module["_cl_range"])
+    for name in ("_cl_range", "_cl_rows"):
+        module[name] = numba.njit(cache=True, inline="always")(module[name])
     return {
         "numba": numba,
         "forward": jit(_forward_worker),
