@@ -384,7 +384,8 @@ def channels_last(geom: ConvGeometry, dtype=np.float32) -> bool:
     """Whether the engine computes this layer's NDHWC form without a transpose (with
     :func:`ndhwc_forward` and its two gradients):
 
-    - dense stride-1 unpadded 1x1x1 layers: one GEMM on the arrays as they are;
+    - dense stride-1 unpadded 1x1x1 layers: one GEMM on the arrays as they are, and
+      depth-only ``(kd, 1, 1)`` ones without in-plane padding: a GEMM per depth tap;
     - layers whose forward is Winograd's (dense 3x3x3 / 1x3x3 stride-1 layers with
       enough channels): its transforms gather and scatter whole channel vectors, so an
       NDHWC sample is read as it lies. Its gradients are NDHWC where they are Winograd's

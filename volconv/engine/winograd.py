@@ -497,10 +497,12 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
     The transformed weight is held whole when it takes at most the cap's
     ``1 / TRANSFORMED_WEIGHT_SHARE``, and the blocks aim at ``BLOCK_FRACTION`` of it
     (``WEIGHT_BLOCK_FRACTION`` in the weight gradient).
-    A larger one goes in chunks of output channels, computed again for every block
-    (see "Memory" in the module docstring): then ``V`` alone aims at the block share and
-    a chunk's ``U + M`` at the transformed-weight share. None when the problem is empty
-    (the engine answers without an algorithm) or not even one tile row and CB output
+    A larger one goes in chunks of output channels when one block takes every tile
+    (each chunk computed once), else whole per slab of ``pz`` depth points (P above is
+    then a slab's ``Ps``), else in chunks computed again for every block (see "Memory"
+    in the module docstring): then ``V`` alone aims at the block share and a chunk's
+    ``U + M`` at the transformed-weight share. None when the problem is empty (the
+    engine answers without an algorithm) or not even one tile row and CB output
     channels fit.
     """
     if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
