@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ TINY = [
 RECORD_KEYS = {"name", "layer", "flops_fwd", "flops_bwd", "volconv", "torch", "rel_err", "derived"}
 TOP_KEYS = {
     "format", "created", "quick", "threads", "repeats", "statistic", "seed", "algorithm",
-    "machine", "torch", "layers", "geomean", "elapsed_s",
+    "workspace_bytes", "machine", "torch", "layers", "geomean", "elapsed_s",
 }  # fmt: skip
 
 
@@ -81,6 +82,41 @@ def test_layers_selects_and_repeats(tmp_path, tiny_suite):
     assert [r["name"] for r in result["layers"]] == ["tiny_grouped_strided"]
     assert len(result["layers"][0]["volconv"]["forward"]["times_s"]) == 2
     assert "tiny_dense" not in md
+
+
+def _in_process(cmd, spec, env, timeout):
+    """``run_worker`` without a subprocess: the worker's main in this process."""
+    from volconv.bench import _worker
+
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    assert _worker.main([json.dumps(spec), str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_workspace_cap_reaches_the_workers(tmp_path, tiny_suite, monkeypatch, workspace):
+    """``--workspace-mib`` sets the workers' cap (seen by a spy on run_phase, which the
+    worker runs in this process here) and is recorded in the JSON and the report."""
+    from volconv.bench import _worker
+
+    seen = []
+    real = _worker.run_phase
+
+    def spy(spec):
+        record = real(spec)
+        import volconv
+
+        seen.append(volconv.config.workspace_bytes)
+        return record
+
+    monkeypatch.setattr(_worker, "run_phase", spy)
+    monkeypatch.setattr(_run, "run_worker", _in_process)
+    code, result, md = _run_bench(
+        tmp_path, tiny_suite, "--quick", "--no-torch", "--layers", "tiny_dense",
+        "--workspace-mib", "1.5",
+    )  # fmt: skip
+    assert code == 0 and result["workspace_bytes"] == 3 << 19
+    assert seen == [3 << 19, 3 << 19]  # forward and backward
+    assert "workspace cap: 1.5 MiB" in md
 
 
 def test_unknown_layer_is_a_usage_error(tmp_path, tiny_suite, capsys):

@@ -162,6 +162,12 @@ def _busy_warning(result: dict[str, Any]) -> list[str]:
     return []
 
 
+def _cap(result: dict[str, Any]) -> str:
+    """The run's workspace cap, in MiB (the library default when not set)."""
+    cap = result.get("workspace_bytes")
+    return "default" if not cap else f"{cap / (1 << 20):g} MiB"
+
+
 def markdown_report(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """Whole markdown report: header lines, table, geometric means, errors, legend."""
     machine = result.get("machine") or {}
@@ -183,6 +189,7 @@ def markdown_report(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         + f"at start/end: {load.get('start', ['?'])[0]}/{load.get('end', ['?'])[0]}",
         f"- torch: {torch.get('torch', 'n/a (not run)')}; "
         f"algorithm: {result['algorithm'] or 'chooser'}; "
+        f"workspace cap: {_cap(result)}; "
         f"times: median of {result['repeats']} after 1 warm-up; seed {result['seed']}",
         *_busy_warning(result),
         "",

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="do not run PyTorch")
     p.add_argument("--torch-python", help="interpreter with torch (default: auto-detect)")
     p.add_argument("--algorithm", help="force volconv.config.algorithm in the workers")
+    p.add_argument(
+        "--workspace-mib",
+        type=float,
+        help="set volconv.config.workspace_bytes in the workers (MiB; default: the library's)",
+    )
     p.add_argument("--suite", type=Path, help="suite JSON file (default: the packaged one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs (0)")
     p.add_argument("--sgemm-size", type=int, default=2048, help="size of the sgemm peak probe")
@@ -163,6 +168,7 @@ class Bench:
             "seed": self.args.seed,
             "threads": self.args.threads,
             "algorithm": self.args.algorithm,
+            "workspace_bytes": _workspace_bytes(self.args),
             "sgemm_n": self.args.sgemm_size,
         }
 
@@ -240,6 +246,16 @@ def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def _workspace_bytes(args: argparse.Namespace) -> int | None:
+    """``--workspace-mib`` in bytes, or None (the library's default)."""
+    mib = getattr(args, "workspace_mib", None)
+    if mib is None:
+        return None
+    if not mib > 0:
+        raise ValueError(f"--workspace-mib must be > 0, got {mib}")
+    return int(mib * (1 << 20))
+
+
 def _check_algorithm(name: str | None) -> None:
     if name is None:
         return
@@ -257,6 +273,7 @@ def _setup(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Bench, dict[
     if args.quick:
         layers = [_suite.shrink(layer) for layer in layers]
     _check_algorithm(args.algorithm)
+    _workspace_bytes(args)
     torch_python = find_torch_python(args)
     bench = Bench(args, torch_python)
     torch_info = None
@@ -360,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "statistic": "median of repeats after one warm-up call",
         "seed": args.seed,
         "algorithm": args.algorithm,
+        "workspace_bytes": _workspace_bytes(args),
         "machine": machine,
         "load_average": {"start": load_start, "end": _load()},
         "torch": torch_info,

@@ -147,6 +147,8 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec.get("algorithm"):
         config.algorithm = spec["algorithm"]
+    if spec.get("workspace_bytes"):
+        config.workspace_bytes = int(spec["workspace_bytes"])
     arrays, geom = _setup(spec["layer"], spec["seed"])
     x, w6, b, dy = arrays["x"], arrays["w6"], arrays["b"], arrays["dy"]
 
