@@ -38,6 +38,12 @@ Gradients reuse the same buffers and offsets:
   ``dx``. Items are ``(n, g)`` with depth chunks done in order, so overlapping chunk
   halos never race.
 
+Channels-last: depthwise layers with multiplier 1 (``G == C == O``) are also computed on
+NDHWC arrays as they lie (:func:`forward_channels_last`,
+:func:`backward_weight_channels_last`): every tap is one unit-stride loop over the
+channels, taps on padding skipped by bounds, no buffer (see the section above the
+channels-last kernels below).
+
 Parallelism: ``numba.get_num_threads()`` workers, worker ``w`` taking items
 ``w, w + nw, ...``, run as Python threads over ``nogil`` kernels (see :func:`_run`).
 Every output, ``dx`` and ``dw`` element is summed by one worker in an order fixed by

@@ -89,6 +89,11 @@ below) and numpy's batched matmul:
 - GEMM: ``np.matmul(V, U) -> M (P, T, Ob)``, P GEMMs per block;
 - output: the mirror image, A^T along W, H, D, then into ``y`` (cropped).
 
+Channels-last: with ``channels_last=True`` (``forward``, ``backward_weight``) the same
+kernels read ``x``/``dy`` and write ``y`` in NDHWC: a sample's channels are then one
+contiguous vector for the gathers and the scatter; the arithmetic, and so every result,
+is bitwise the NCDHW one.
+
 Without numba :func:`supports` is False: per-position numpy transforms measured slower
 than the GEMM algorithms.
 
