@@ -725,22 +725,23 @@ def _at(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
             dst[dr, do + k] = src[sr, so + k]
 
 
-#: A^T of F(4, 3) and F(2, 3) as tables, for the partial sums over a slab of depth points.
+#: A^T of F(4, 3) and F(2, 3) as tables, and A (their transposes), for the partial sums
+#: over a slab of depth points.
 _AT4 = np.array(
     [[1, 1, 1, 1, 1, 0], [0, 1, -1, 0.5, -2, 0], [0, 1, 1, 0.25, 4, 0], [0, 1, -1, 0.125, -8, 1]],
     dtype=np.float32,
 )
 _AT2 = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float32)
+_A4, _A2 = np.ascontiguousarray(_AT4.T), np.ascontiguousarray(_AT2.T)
 
 
-def _at_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
-    """A^T on the rows of one slab only: ``dst[i, k] = sum_{a0 <= j < a0 + pz} A^T[i, j]
-    src[j, k]`` (the other rows count as zero; F(4, 3) or F(2, 3))."""
-    coef = _AT4 if m == 4 else _AT2
-    for i in range(m):
+def _combine(T, i0, i1, j0, j1, src, dst, K):  # pragma: no cover - compiled
+    """``dst[i, k] = sum_{j0 <= j < j1} T[i, j] src[j, k]`` for ``i0 <= i < i1``, summed in
+    order of ``j`` and skipping zero coefficients (rows with none are zeroed)."""
+    for i in range(i0, i1):
         started = False
-        for j in range(a0, a0 + pz):
-            c = coef[i, j]
+        for j in range(j0, j1):
+            c = T[i, j]
             if c != 0:
                 if started:
                     for k in range(K):
@@ -754,25 +755,16 @@ def _at_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
                 dst[i, k] = 0
 
 
+def _at_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
+    """A^T on the rows of one slab only: ``dst[i, k] = sum_{a0 <= j < a0 + pz} A^T[i, j]
+    src[j, k]`` (the other rows count as zero; F(4, 3) or F(2, 3))."""
+    _combine(_AT4 if m == 4 else _AT2, 0, m, a0, a0 + pz, src, dst, K)
+
+
 def _a_slab(m, src, a0, pz, dst, K):  # pragma: no cover - compiled
     """A (the transpose of A^T) into the rows of one slab only: ``dst[j, k] = sum_i
     A^T[i, j] src[i, k]`` for ``a0 <= j < a0 + pz``."""
-    coef = _AT4 if m == 4 else _AT2
-    for j in range(a0, a0 + pz):
-        started = False
-        for i in range(m):
-            c = coef[i, j]
-            if c != 0:
-                if started:
-                    for k in range(K):
-                        dst[j, k] += c * src[i, k]
-                else:
-                    for k in range(K):
-                        dst[j, k] = c * src[i, k]
-                    started = True
-        if not started:
-            for k in range(K):
-                dst[j, k] = 0
+    _combine(_A4 if m == 4 else _A2, a0, a0 + pz, 0, m, src, dst, K)
 
 
 def _a(m, src, sr, so, dst, dr, do, K):  # pragma: no cover - compiled
@@ -1215,7 +1207,7 @@ def _kernels() -> dict:
     module = globals()
     inline = numba.njit(inline="always", fastmath=fm, cache=True)
     helpers = ("_alpha", "_taps", "_split_row", "_bt4", "_bt2", "_bt", "_at", "_a", "_g", "_gt")
-    helpers += ("_at_slab", "_a_slab")
+    helpers += ("_combine", "_at_slab", "_a_slab")
     for name in helpers:
         module[name] = inline(module[name])
     jit = numba.njit(nogil=True, fastmath=fm, cache=True)
