@@ -287,18 +287,26 @@ def _depth_gemms_channels_last(src: np.ndarray, w: np.ndarray, geom: ConvGeometr
     return res
 
 
+def _channels_last_gemms(src: np.ndarray, w: np.ndarray, geom: ConvGeometry, adjoint: bool):
+    """The forward (``src = x``) or input gradient (``adjoint``: ``src = dy``) in NDHWC, as
+    ``(positions, channels)`` rows: one GEMM ``src @ W^T`` (or ``@ W``) for a 1x1x1
+    kernel, one per depth tap and item for a depth-only one."""
+    if geom.kernel[0] > 1:
+        return _depth_gemms_channels_last(src, w, geom, adjoint)
+    k, width = (geom.O, geom.C) if adjoint else (geom.C, geom.O)
+    rows = _rows(src, k)
+    w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=src.dtype)
+    res = np.empty((rows.shape[0], width), dtype=src.dtype)
+    gemm_batch(rows[None], (w2 if adjoint else w2.T)[None], res[None])
+    return res
+
+
 def forward_channels_last(
     x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None
 ) -> np.ndarray:
     """``y (N, D, H, W, O) = x (N, D, H, W, C) @ W^T (+ bias)``: one GEMM, or one per depth
     tap and item."""
-    if geom.kernel[0] > 1:
-        y = _depth_gemms_channels_last(x, w, geom, adjoint=False)
-    else:
-        x2 = _rows(x, geom.C)
-        w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=x.dtype)
-        y = np.empty((x2.shape[0], geom.O), dtype=x.dtype)
-        gemm_batch(x2[None], w2.T[None], y[None])
+    y = _channels_last_gemms(x, w, geom, adjoint=False)
     if bias is not None:
         y += np.asarray(bias, dtype=x.dtype).reshape(geom.O)
     return y.reshape(geom.N, *geom.spatial_out, geom.O)
@@ -307,13 +315,7 @@ def forward_channels_last(
 def backward_input_channels_last(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """``dx (N, D, H, W, C) = dy (N, D, H, W, O) @ W``: one GEMM, or one per depth tap and
     item."""
-    if geom.kernel[0] > 1:
-        dx = _depth_gemms_channels_last(dy, w, geom, adjoint=True)
-    else:
-        dy2 = _rows(dy, geom.O)
-        w2 = np.ascontiguousarray(w.reshape(geom.O, geom.C), dtype=dy.dtype)
-        dx = np.empty((dy2.shape[0], geom.C), dtype=dy.dtype)
-        gemm_batch(dy2[None], w2[None], dx[None])
+    dx = _channels_last_gemms(dy, w, geom, adjoint=True)
     return dx.reshape(geom.N, *geom.spatial_in, geom.C)
 
 
