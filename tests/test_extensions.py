@@ -574,10 +574,12 @@ def test_ndhwc_native_path_only_where_it_applies(algorithm):
     assert not engine.channels_last(pw)
 
 
-def test_ndhwc_native_winograd_only_where_it_is_chosen(algorithm, monkeypatch):
-    """3x3x3 layers are computed channels-last where the forward is Winograd's: not for
-    few channels, nor a strided layer, nor under a forced other algorithm or autotuning."""
-    from volconv.engine import _autotune, winograd
+def test_ndhwc_native_where_winograd_or_the_unfolding_is_chosen(algorithm, monkeypatch):
+    """3x3x3 layers are computed channels-last where the forward is Winograd's, or where
+    the forward and both gradients are the in-plane unfolding's (few channels; a strided
+    layer whose gradients it computes too); not where it is im2col's, nor under a forced
+    other algorithm or autotuning."""
+    from volconv.engine import _autotune, hwunfold, winograd
 
     if not winograd.numba_available():
         pytest.skip("numba is not installed")
@@ -588,8 +590,20 @@ def test_ndhwc_native_winograd_only_where_it_is_chosen(algorithm, monkeypatch):
     algorithm(None)
     assert engine.channels_last(dense, np.float32)
     assert engine.channels_last(dense, np.float64)
-    assert not engine.channels_last(few, np.float32)
+    assert engine.choose(few, np.dtype(np.float32)) == hwunfold.NAME
+    assert engine.channels_last(few, np.float32)
+    assert engine.choose(strided, np.dtype(np.float32)) == "im2col"  # (plane by plane)
     assert not engine.channels_last(strided, np.float32)
+    # the unfolding's forward, but polyphase's dx: x and dy would each be transposed twice
+    down = conv_geometry((1, 32, 16, 32, 32), (1, 32, 32, 3, 3, 3), (2, 2, 2), pads, one, 1)
+    assert engine.choose(down, np.dtype(np.float32)) == hwunfold.NAME
+    assert engine._input_gradient_route(down, np.float32)[0] == "polyphase"
+    assert not engine.channels_last(down, np.float32)
+    algorithm("hwunfold")
+    assert engine.channels_last(strided, np.float32)
+    algorithm("im2col")
+    assert not engine.channels_last(few, np.float32)
+    algorithm(None)
     monkeypatch.setattr(_autotune, "active", lambda: True)
     assert not engine.channels_last(dense, np.float32)
     monkeypatch.undo()

@@ -33,13 +33,18 @@ STEMS = {
     "dilated-inplane": ((1, 2, 5, 26, 27), 6, (3, 5, 7), (1, 3, 2), (1, 2, 3), (1, 2, 1)),
     # tap rows on a plane too large to batch items (>= 2048 outputs): slabs on threads
     "large-plane-rows": ((1, 3, 5, 92, 90), 4, (3, 7, 7), (1, 2, 2), (1, 3, 3), (1, 1, 1)),
+    # tap rows with 8 channels (C*kh*kw = 72): the weight gradient stacks tap rows too
+    "rows-weight": ((2, 8, 5, 9, 8), 6, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     # tap columns: C3D conv1a / U-Net enc1 style (3x3x3, stride 1, C = 3 / 1)
     "c3d-like": ((2, 3, 6, 17, 18), 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     "unet-like": ((1, 1, 9, 12, 11), 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     # tap columns with depth stride and dilation (runs of one tap), in-plane stride 2
     "depth-strided": ((2, 3, 11, 15, 16), 4, (3, 7, 7), (2, 2, 2), (2, 3, 3), (2, 1, 1)),
 }
-ROWS = {"i3d-like", "r3d-like", "pads-beyond-kernel", "dilated-inplane", "large-plane-rows"}
+ROWS = {
+    "i3d-like", "r3d-like", "pads-beyond-kernel", "dilated-inplane", "large-plane-rows",
+    "rows-weight",
+}  # fmt: skip
 
 
 def _geometry(name):
@@ -128,11 +133,76 @@ def test_tap_rows_relay_one_tap_at_a_time_past_the_share(name, workspace, monkey
     assert set(taps) == set(range(geom.kernel[0]))
 
 
+def _last(a):
+    """NCDHW -> NDHWC."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 4, 1))
+
+
+@pytest.mark.parametrize("cap", [64 << 20, 48 << 10], ids=["whole", "depth-slabs"])
+@pytest.mark.parametrize("name", list(STEMS))
+def test_channels_last_equals_ncdhw(name, cap, unfolding, workspace):
+    """``channels_last``: the GEMMs write the output, and read ``dy``, in NDHWC as they
+    lie (tap rows through a position-major slab, batched items through an NDHWC plane
+    buffer). float64, bias included: the NCDHW results within rounding."""
+    geom = _geometry(name)
+    workspace(cap)
+    x, w, dy = _data(geom, np.float64)
+    bias = np.random.default_rng(7).standard_normal(geom.O)
+    y = hwunfold.forward(_last(x), w, geom, bias=bias, channels_last=True)
+    dx = hwunfold.backward_input(_last(dy), w, geom, channels_last=True)
+    dw = hwunfold.backward_weight(_last(x), _last(dy), geom, channels_last=True)
+    assert y.shape == _last(np.empty(geom.out_shape)).shape and dx.shape == _last(x).shape
+    want = (
+        _last(hwunfold.forward(x, w, geom, bias=bias)),
+        _last(hwunfold.backward_input(dy, w, geom)),
+        hwunfold.backward_weight(x, dy, geom),
+    )
+    for got, ref in zip((y, dx, dw), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("name", list(STEMS))
+def test_channels_last_stems_are_native(name, monkeypatch):
+    """The engine's NDHWC entry points take the unfolding's channels-last paths wherever
+    its NCDHW ones would run (never the transposing fallback), and transpose only the
+    input side: ``x`` in, ``dx`` out, never the output or ``dy``."""
+    geom = _geometry(name)
+    x, w, dy = _data(geom, np.float32)
+    want = (
+        engine.conv3d_forward(x, w, geom),
+        engine.conv3d_backward_input(dy, w, geom),
+        engine.conv3d_backward_weight(x, dy, geom),
+    )
+    native = engine.choose(geom, np.dtype(np.float32)) == hwunfold.NAME
+    assert engine.channels_last(geom, np.float32) == native
+    shapes = []
+    real = hwunfold.transpose_channels
+    monkeypatch.setattr(
+        hwunfold, "transpose_channels", lambda a, **k: shapes.append(a.shape) or real(a, **k)
+    )
+    if native:
+        monkeypatch.setattr(engine, "_via_ncdhw", None)  # calling it would raise
+        got = (
+            engine.ndhwc_forward(_last(x), w, geom),
+            engine.ndhwc_backward_input(_last(dy), w, geom),
+            engine.ndhwc_backward_weight(_last(x), _last(dy), geom),
+        )
+        assert set(shapes) == {_last(x).shape, geom.in_shape}  # x in, dx out
+        expected = (_last(want[0]), _last(want[1]), want[2])
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=4e-6 * float(np.abs(b).max()))
+    else:  # (a depth stride: im2col's forward)
+        assert engine._input_gradient_route(geom, np.float32) == (hwunfold.NAME, True)
+        dx = engine.ndhwc_backward_input(_last(dy), w, geom)  # own threads, channels-last
+        np.testing.assert_allclose(dx, _last(want[1]), rtol=0, atol=4e-6 * np.abs(dx).max())
+
+
+@pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
 @pytest.mark.parametrize("name", ["c3d-like", "unet-like", "depth-strided"])
-def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
+def test_threaded_tap_columns_in_small_slabs(name, layout, monkeypatch):
     """Slabs of the threaded tap-columns forward and weight gradient one output plane
     deep (the smallest size that holds one; the weight gradient then fills all its
-    partial sums), bias included, against the plane-by-plane paths."""
+    partial sums), bias included, against the plane-by-plane paths; in either layout."""
     if not _numba_runtime.numba_available():
         pytest.skip("numba is not installed")
     geom = _geometry(name)
@@ -146,23 +216,25 @@ def test_threaded_tap_columns_in_small_slabs(name, monkeypatch):
         monkeypatch.setattr(hwunfold, "THREADED_SLAB_BYTES", size)
     assert 0 < hwunfold._threaded_planes(geom, 8) < geom.spatial_out[0]
     assert hwunfold.threaded_columns(geom, 8)
-    y = hwunfold.forward(x, w, geom, bias=bias)
+    cl = layout == "NDHWC"
+    lay = _last if cl else (lambda a: a)
+    y = hwunfold.forward(lay(x), w, geom, bias=bias, channels_last=cl)
     plain = np.empty_like(y)
-    hwunfold._forward_tap_columns(x, w, geom, plain, bias.reshape(-1, 1))
+    hwunfold._forward_tap_columns(x, w, geom, plain, bias.reshape(-1, 1), cl)
     np.testing.assert_allclose(y, plain, rtol=1e-12, atol=1e-12)
     ref = conv3d_reference(x, w, geom) + bias.reshape(-1, 1, 1, 1)
-    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, lay(ref), rtol=1e-10, atol=1e-10)
     dy = np.random.default_rng(4).standard_normal(geom.out_shape)
     slabs = geom.N * -(-geom.spatial_out[0] // hwunfold._threaded_planes(geom, 8))
     assert slabs >= hwunfold.WEIGHT_PARTIALS
-    dw = hwunfold.backward_weight(x, dy, geom)
+    dw = hwunfold.backward_weight(lay(x), lay(dy), geom, channels_last=cl)
     plain = hwunfold._backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2)
     kd, kh, kw = geom.kernel
     plain = plain.reshape(geom.O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
     np.testing.assert_allclose(dw.reshape(plain.shape), plain, rtol=1e-12, atol=1e-11)
-    dx = hwunfold.backward_input(dy, w, geom)  # under own_threads here: split GEMMs
+    dx = hwunfold.backward_input(lay(dy), w, geom, channels_last=cl)  # (own_threads here)
     dx_ref = im2col.backward_input(dy, w, geom)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dx, lay(dx_ref), rtol=1e-10, atol=1e-10)
 
 
 def test_threaded_tap_columns_threshold():

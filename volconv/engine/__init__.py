@@ -279,6 +279,37 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     """Gradient with respect to the input, shape ``geom.in_shape``."""
     if geom.N == 0 or geom.C == 0 or geom.O == 0:
         return np.zeros(geom.in_shape, dtype=dy.dtype)
+    route, own_threads = _input_gradient_route(geom, dy.dtype)
+    if route == _ADJOINT:
+        return conv3d_forward(dy, flip_weight(w), transposed_geometry(geom))
+    if route == _AUTOTUNE:
+        candidates = {n: ALGORITHMS[n] for n in _with("backward_input") if _supports(n, geom)}
+        if polyphase.supports(geom):
+            candidates[polyphase.NAME] = polyphase
+        return _autotune.run(
+            "input",
+            geom,
+            dy.dtype,
+            list(candidates),
+            lambda n: candidates[n].backward_input(dy, w, geom),
+        )
+    algorithm = polyphase if route == polyphase.NAME else ALGORITHMS[route]
+    gradient = getattr(algorithm, "backward_input", im2col.backward_input)
+    if own_threads:
+        with _blas.own_threads():
+            return gradient(dy, w, geom)
+    return gradient(dy, w, geom)
+
+
+#: Routes of :func:`_input_gradient_route` besides an algorithm's name.
+_ADJOINT, _AUTOTUNE = "forward of the adjoint", "autotune"
+
+
+def _input_gradient_route(geom: ConvGeometry, dtype) -> tuple[str, bool]:
+    """How :func:`conv3d_backward_input` computes ``dx``: ``(_ADJOINT, False)`` (the
+    forward convolution of the adjoint, ``transposed_geometry``), ``(_AUTOTUNE, False)``,
+    or ``(name, own_threads)``: that algorithm's ``backward_input`` (im2col's where it has
+    none), under ``_blas.own_threads`` when ``own_threads``."""
     # Stride 1: dx is a forward convolution (and gets Winograd, depthwise, ...), except
     # when dx has few channels (first layers): that forward would be a GEMM with 1-15
     # outputs per position, while GEMM + col2im keeps the long side in BLAS; and except
@@ -295,22 +326,13 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
         unfolded = (
             config.algorithm is None
             and not _autotune.active()
-            and choose(adjoint, dy.dtype) == hwunfold.NAME
+            and choose(adjoint, dtype) == hwunfold.NAME
         )
-        if not unfolded and (not in_plane or winograd.prefer(adjoint, dy.dtype)):
-            return conv3d_forward(dy, flip_weight(w), adjoint)
+        if not unfolded and (not in_plane or winograd.prefer(adjoint, dtype)):
+            return _ADJOINT, False
     if _autotune.active():
-        candidates = {n: ALGORITHMS[n] for n in _with("backward_input") if _supports(n, geom)}
-        if polyphase.supports(geom):
-            candidates[polyphase.NAME] = polyphase
-        return _autotune.run(
-            "input",
-            geom,
-            dy.dtype,
-            list(candidates),
-            lambda n: candidates[n].backward_input(dy, w, geom),
-        )
-    name = choose(geom, dy.dtype)
+        return _AUTOTUNE, False
+    name = choose(geom, dtype)
     # Strided dense layers (whose forward is a GEMM-family pick) with 16+ channels: phase
     # by phase, no col2im (strided_down_s2 83 vs 115 ms for the in-plane unfolding's
     # col2im; 32 -> 64 channels on 64^3, 40 vs 59; a 1x1x1 stride-2 shortcut 10 vs 19).
@@ -320,22 +342,16 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
         and name in (im2col.NAME, hwunfold.NAME)
     )
     if strided_gemm and polyphase.prefer(geom):
-        return polyphase.backward_input(dy, w, geom)
+        return polyphase.NAME, False
     # Strided dense layers: the in-plane unfolding's col2im beats im2col's
     # (strided_down_s2 dx 120 vs 174 ms).
     if strided_gemm and hwunfold.supports(geom):
-        name = hwunfold.NAME
-        if geom.stride[0] > 1:
-            # Its weight gradient is im2col on the engine's threads (no unfolding across
-            # a depth stride): BLAS threads woken by this dx would spin into it. With the
-            # GEMMs split over the engine's threads instead, strided_down_s2 dw + dx in a
-            # loop took 159-165 ms against 215-228 (same process).
-            with _blas.own_threads():
-                return hwunfold.backward_input(dy, w, geom)
-    algorithm = ALGORITHMS[name]
-    if hasattr(algorithm, "backward_input"):
-        return algorithm.backward_input(dy, w, geom)
-    return im2col.backward_input(dy, w, geom)
+        # With a depth stride its weight gradient is im2col on the engine's threads (no
+        # unfolding across a depth stride): BLAS threads woken by this dx would spin into
+        # it. With the GEMMs split over the engine's threads instead, strided_down_s2 dw
+        # + dx in a loop took 159-165 ms against 215-228 (same process).
+        return hwunfold.NAME, geom.stride[0] > 1
+    return name, False
 
 
 def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -347,7 +363,13 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
         return _autotune.run(
             "weight", geom, x.dtype, names, lambda n: ALGORITHMS[n].backward_weight(x, dy, geom)
         )
-    name = choose(geom, x.dtype)
+    return ALGORITHMS[_weight_gradient_algorithm(geom, x.dtype)].backward_weight(x, dy, geom)
+
+
+def _weight_gradient_algorithm(geom: ConvGeometry, dtype) -> str:
+    """The algorithm whose ``backward_weight`` :func:`conv3d_backward_weight` calls (not
+    autotuned)."""
+    name = choose(geom, dtype)
     # The weight gradient's best GEMM differs from the forward's: the in-plane unfolding
     # won on every dense suite layer where it fits (vnet 276 vs 414 ms for per-tap GEMM,
     # c3d_conv3a 95 vs 137, dilated_d2 162 vs 241).
@@ -358,25 +380,35 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
     # (winograd.prefer_weight: c3d_conv3a 61 vs 105 ms, unet3d_enc2 161 vs 263,
     # r2plus1d_spatial 28 vs 50 for im2col).
     if config.algorithm is None and name != depthwise.NAME:
-        if name == winograd.NAME and winograd.prefer_weight(geom, x.dtype):
+        if name == winograd.NAME and winograd.prefer_weight(geom, dtype):
             pass
         elif factorised:
             name = _preferred_gemm(geom) if name == winograd.NAME else name
-        elif fft.prefer(geom, x.dtype, kind="weight"):
+        elif fft.prefer(geom, dtype, kind="weight"):
             name = fft.NAME
         elif _hwunfold_fits(geom):
             name = hwunfold.NAME
-    return ALGORITHMS[name].backward_weight(x, dy, geom)
+    return name
 
 
 def _native_layout(geom: ConvGeometry, dtype) -> str | None:
     """The algorithm that computes this layer's NDHWC form as it is, or None."""
     if config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom):
         return pointwise.NAME
-    if config.algorithm in (None, winograd.NAME, depthwise.NAME) and not _autotune.active():
+    forced = (None, winograd.NAME, depthwise.NAME, hwunfold.NAME)
+    if config.algorithm in forced and not _autotune.active():
         name = choose(geom, np.dtype(dtype))
-        if name == winograd.NAME or (name == depthwise.NAME and depthwise.channels_last(geom)):
+        if name == winograd.NAME:
             return name
+        if name == depthwise.NAME and depthwise.channels_last(geom):
+            return name
+        # The unfolding only where both gradients are its own too: it transposes x for
+        # the forward and for the weight gradient, which only pays where dy is not
+        # transposed as well (strided_down_s2, whose dx is polyphase's and dw im2col's:
+        # training step 338-380 ms against 331-342 through NCDHW).
+        if name == hwunfold.NAME and _input_gradient_route(geom, dtype)[0] == name:
+            if _weight_gradient_algorithm(geom, dtype) == name:
+                return name
     return None
 
 
@@ -393,7 +425,12 @@ def channels_last(geom: ConvGeometry, dtype=np.float32) -> bool:
       between transposes, inside these functions;
     - depthwise layers (one channel per group, multiplier 1: X3D's, MobileNet's), any
       stride: the channels are the vector lanes of direct loops. The input gradient of
-      a strided one goes through NCDHW between transposes.
+      a strided one goes through NCDHW between transposes;
+    - layers whose forward and both gradients are the in-plane unfolding's (stems and
+      first layers): its GEMMs write the output and read ``dy`` as they lie, by
+      transposing their operands in BLAS; the unfolding reads ``x``, and its col2im
+      writes ``dx``, in NCDHW, so those (the small side of a first layer) are
+      transposed.
 
     Not with an autotuned or forced other algorithm: those layers are computed in NCDHW.
     """
@@ -415,6 +452,8 @@ def ndhwc_forward(
         return pointwise.forward_channels_last(x, w, geom, bias)
     if native == depthwise.NAME:
         return depthwise.forward_channels_last(x, w, geom, bias)
+    if native == hwunfold.NAME:
+        return hwunfold.forward(x, w, geom, bias=bias, channels_last=True)
     if _all_finite(x) and _all_finite(w):
         return winograd.forward(x, w, geom, bias=bias, channels_last=True)
     return _via_ncdhw(lambda xc: conv3d_forward(xc, w, geom, bias), x)
@@ -423,7 +462,8 @@ def ndhwc_forward(
 def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """:func:`conv3d_backward_input` in NDHWC, for a layer with :func:`channels_last`:
     the forward of the adjoint where that is Winograd's (as :func:`conv3d_backward_input`
-    takes it: 16+ input channels)."""
+    takes it: 16+ input channels), the in-plane unfolding's col2im where that is its
+    pick."""
     native = _native_layout(geom, dy.dtype)
     if native == pointwise.NAME:
         return pointwise.backward_input_channels_last(dy, w, geom)
@@ -432,23 +472,33 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
             return _via_ncdhw(lambda g: conv3d_backward_input(g, w, geom), dy)
         adjoint = transposed_geometry(geom)  # depthwise too, with the flipped kernel
         return depthwise.forward_channels_last(dy, flip_weight(w), adjoint)
-    adjoint = transposed_geometry(geom)
-    if geom.C >= 16 and winograd.prefer(adjoint, dy.dtype) and _all_finite(dy):
-        if _all_finite(w):
+    route, own_threads = _input_gradient_route(geom, dy.dtype)
+    if route == hwunfold.NAME:
+        if own_threads:
+            with _blas.own_threads():
+                return hwunfold.backward_input(dy, w, geom, channels_last=True)
+        return hwunfold.backward_input(dy, w, geom, channels_last=True)
+    if route == _ADJOINT:
+        adjoint = transposed_geometry(geom)
+        if winograd.prefer(adjoint, dy.dtype) and _all_finite(dy) and _all_finite(w):
             return winograd.forward(dy, flip_weight(w), adjoint, channels_last=True)
     return _via_ncdhw(lambda g: conv3d_backward_input(g, w, geom), dy)
 
 
 def ndhwc_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """:func:`conv3d_backward_weight` from NDHWC data, for a layer with
-    :func:`channels_last`: Winograd's own where :func:`conv3d_backward_weight` takes it."""
+    :func:`channels_last`: Winograd's or the in-plane unfolding's own where
+    :func:`conv3d_backward_weight` takes it."""
     native = _native_layout(geom, x.dtype)
     if native == pointwise.NAME:
         return pointwise.backward_weight_channels_last(x, dy, geom)
     if native == depthwise.NAME:
         return depthwise.backward_weight_channels_last(x, dy, geom)
-    if config.algorithm == winograd.NAME or winograd.prefer_weight(geom, x.dtype):
+    name = _weight_gradient_algorithm(geom, x.dtype)
+    if name == winograd.NAME:
         return winograd.backward_weight(x, dy, geom, channels_last=True)
+    if name == hwunfold.NAME:
+        return hwunfold.backward_weight(x, dy, geom, channels_last=True)
     xc, dyc = transpose_channels(x, to_last=False), transpose_channels(dy, to_last=False)
     return conv3d_backward_weight(xc, dyc, geom)
 

@@ -36,6 +36,18 @@ always tap columns (measured, see the constants below):
 - tap columns: ``dW' += dy[:, z] @ window.T`` and ``window += W'.T @ dy[:, z]``
   accumulated in plane order, then the in-plane col2im of every plane.
 
+*Channels-last* (``channels_last=True``, NDHWC arrays): the output side -- ``y``, and
+``dy`` in the gradients -- is used as it lies, because every GEMM that touches it can take
+its transpose. A plane ``(P, O)`` is then Fortran ``(O x P)``: the forward computes ``y_z
+= W' @ window`` (both operands transposed) into it, tap rows accumulate position-major
+``(P, dz, O)`` (a block of consecutive planes is still one strided matrix, rows ``dz*O``
+apart), and the gradients flip the transpose flag of ``dy``. The unfolding reads ``x``,
+and col2im writes ``dx``, in NCDHW: those are transposed, the small side of the first
+layers this serves (C3D conv1a: 4.8 MB of input, 103 MB of output). Measured NDHWC
+forward before -> after (the whole call transposed in and out; NCDHW in brackets, ms):
+c3d_conv1a 103-120 -> 46-50 (42-51), unet3d_enc1 84-88 -> 33-38 (39-40), r3d18_stem
+113-125 -> 80-99 (75-93), i3d_stem 87-95 -> 76-85 (72-73).
+
 The unfolding and its adjoint are numba kernels (a strided view copied by numpy, and
 numpy adds, without numba). A kernel step copies the input rows a band of output rows
 reads into a zero-padded *polyphase* buffer ``buf[p_h, p_w, i, j] = x[i*sh + p_h - loh,
@@ -70,6 +82,7 @@ from .. import config
 from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f, own_threads, single_threaded_blas
+from ._layout import transpose_channels
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 from ._slabs import (
     Slab,
@@ -528,32 +541,97 @@ def _fold(dx, col, geom: ConvGeometry, slab: Slab, q0: int, interleaved: bool):
 # --------------------------------------------------------------------- entry points
 
 
-def _plane_major(a: np.ndarray, slab: Slab, z: int) -> np.ndarray:
-    """Plane ``z`` of ``a`` (NCDHW) for the slab's items, as a view ``(O, nb, Ho, Wo)``."""
+def _plane_major(a: np.ndarray, slab: Slab, z: int, cl: bool = False) -> np.ndarray:
+    """Plane ``z`` of an output-side array for the slab's items, as a view in the order
+    of its GEMM matrix: ``(O, nb, Ho, Wo)`` of NCDHW ``a``, ``(nb, Ho, Wo, O)`` of NDHWC."""
+    if cl:
+        return a[slab.n0 : slab.n1, z]
     return a[slab.n0 : slab.n1, :, z].transpose(1, 0, 2, 3)
 
 
-def _slab_plane(acc: np.ndarray, geom: ConvGeometry, slab: Slab, zi: int) -> np.ndarray:
-    """Plane ``zi`` of a plane-major slab ``(dz, O, P)`` as ``(O, nb, Ho, Wo)``."""
+def _slab_buffer(scratch: _Scratch, name: str, geom: ConvGeometry, slab: Slab, cl: bool):
+    """A slab's planes of output or ``dy``: plane-major ``(dz, O, P)``, or with ``cl``
+    position-major ``(P, dz, O)`` (a block of consecutive planes is then still one
+    strided matrix, ``(z, o)`` rows ``dz*O`` apart)."""
+    P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
+    return scratch.get(name, (P, slab.dz, geom.O) if cl else (slab.dz, geom.O, P))
+
+
+def _slab_plane(acc: np.ndarray, geom: ConvGeometry, slab: Slab, zi: int, cl: bool = False):
+    """Plane ``zi`` of a :func:`_slab_buffer` as :func:`_plane_major` orders it."""
+    if cl:
+        return acc[:, zi].reshape(slab.nb, *geom.spatial_out[1:], geom.O)
     return acc[zi].reshape(geom.O, slab.nb, *geom.spatial_out[1:])
+
+
+def _slab_block(acc: np.ndarray, z0: int, z1: int, cl: bool) -> np.ndarray:
+    """Planes ``z0:z1`` (slab-relative) of a :func:`_slab_buffer`."""
+    return acc[:, z0:z1] if cl else acc[z0:z1]
 
 
 #: The forward adds a bias itself (each output plane starts from it, in cache).
 FUSED_BIAS = True
 
 
-def forward(x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None) -> np.ndarray:
-    x = np.ascontiguousarray(x)
+def forward(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None, channels_last: bool = False
+) -> np.ndarray:
+    """The forward convolution, ``(N, O, Do, Ho, Wo)``; with ``channels_last``, ``(N, Do,
+    Ho, Wo, O)`` from ``x (N, D, H, W, C)``: the GEMMs write the output as it lies (``x``
+    is transposed in, the unfolding reading NCDHW: cheap on the few-channel first layers
+    whose outputs are the large side)."""
+    x = _input_side(x, channels_last)
     w = w.astype(x.dtype, copy=False)
-    out = np.empty(geom.out_shape, dtype=x.dtype)
+    out = np.empty(_layout_shape(geom.out_shape, channels_last), dtype=x.dtype)
     column = None if bias is None else np.asarray(bias, dtype=x.dtype).reshape(-1, 1)
+    cl = channels_last
     if _tap_rows(geom):
-        _forward_tap_rows(x, w, geom, out, column)
+        _forward_tap_rows(x, w, geom, out, column, cl)
     elif threaded_columns(geom, x.itemsize):
-        _forward_tap_columns_threaded(x, w, geom, out, column)
+        _forward_tap_columns_threaded(x, w, geom, out, column, cl)
     else:
-        _forward_tap_columns(x, w, geom, out, column)
+        _forward_tap_columns(x, w, geom, out, column, cl)
     return out
+
+
+def _input_side(x: np.ndarray, channels_last: bool) -> np.ndarray:
+    """``x`` (or ``dx``'s layout) as the unfolding reads it: C-contiguous NCDHW."""
+    if channels_last:
+        return transpose_channels(x, to_last=False)
+    return np.ascontiguousarray(x)
+
+
+def _layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """An NCDHW ``shape`` as NDHWC when ``channels_last``."""
+    return (shape[0], *shape[2:], shape[1]) if channels_last else tuple(shape)
+
+
+def _gemm_out(dtype, cl: bool, P: int, O: int, K: int, col_ptr, ld, w_ptr, ldw, c_ptr, ldc, beta):
+    """An output plane (or a block of ``O`` rows of one) ``(+)= W (O x K) @ window (K x P)``,
+    ``W`` stored ``(O, K)`` C-order (leading dimension ``ldw``), the window as unfolded
+    (``(K, P)``, ``ld``). NCDHW: the plane ``(O, P)`` C-order, Fortran ``y^T (P x O) =
+    window^T @ W^T``; channels-last: ``(P, O)`` C-order, Fortran ``y (O x P) = W @
+    window`` (both operands transposed)."""
+    if cl:
+        gemm_f(dtype, True, True, O, P, K, w_ptr, ldw, col_ptr, ld, c_ptr, ldc, beta)
+    else:
+        gemm_f(dtype, False, False, P, O, K, col_ptr, ld, w_ptr, ldw, c_ptr, ldc, beta)
+
+
+def _plane_ptr(a: np.ndarray, n: int, z: int, cl: bool) -> tuple[int, int]:
+    """Pointer and leading dimension of plane ``z`` of item ``n`` of an output-side array
+    (``y`` or ``dy``): NCDHW ``(O, P)`` rows ``Do*P`` apart, NDHWC ``(P, O)``."""
+    if cl:
+        _, Do, Ho, Wo, O = a.shape
+        return a.ctypes.data + (n * Do + z) * Ho * Wo * O * a.itemsize, O
+    _, O, Do, Ho, Wo = a.shape
+    return a.ctypes.data + ((n * O) * Do + z) * Ho * Wo * a.itemsize, Do * Ho * Wo
+
+
+def _channel_column(column: np.ndarray, ndim: int, cl: bool) -> np.ndarray:
+    """A bias ``column (O, 1)`` broadcastable over an ``ndim``-D output plane block: over
+    its first axis (NCDHW) or its last (channels-last)."""
+    return column.reshape(-1) if cl else column.reshape((-1,) + (1,) * (ndim - 1))
 
 
 #: Column-buffer bytes of one slab of :func:`_forward_tap_columns_threaded` (c3d_conv1a,
@@ -630,7 +708,7 @@ class _ItemSlabs:
         return q0
 
 
-def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None) -> None:
+def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None, cl=False) -> None:
     """Tap columns in slabs of one item and a few output planes, each slab unfolded and
     multiplied by one thread with a single-threaded BLAS (no OpenBLAS thread left
     spinning into the next unfolding), its GEMMs writing NCDHW directly and the bias
@@ -641,7 +719,6 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None) ->
     O, isz = geom.O, x.itemsize
     plan = _ItemSlabs(geom, x)
     K2, P, ld, kd = plan.K2, plan.P, plan.ld, geom.kernel[0]
-    Do = geom.spatial_out[0]
     wk = _plane_weights(w, geom)
 
     def work(task: int, ntasks: int) -> None:
@@ -649,28 +726,28 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None) ->
         for slab in plan.slabs[task::ntasks]:
             q0 = plan.unfold(slab, col)
             for z in range(slab.d0, slab.d1):
-                c_ptr = out.ctypes.data + ((slab.n0 * O) * Do + z) * P * isz
+                c_ptr, ldc = _plane_ptr(out, slab.n0, z, cl)
                 runs = _runs(geom, z)
                 for i, (a0, a1, q) in enumerate(runs):
-                    # Fortran: y_z^T (P x O) (+)= window^T (P x K) @ W'[:, a0:a1]^T (K x O)
-                    gemm_f(
-                        x.dtype, False, False, P, O, (a1 - a0) * K2,
+                    # y_z (+)= W'[:, a0:a1] (O x K) @ window (K x P)
+                    _gemm_out(
+                        x.dtype, cl, P, O, (a1 - a0) * K2,
                         col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                         wk.ctypes.data + a0 * K2 * isz, kd * K2,
-                        c_ptr, Do * P,
+                        c_ptr, ldc,
                         1.0 if i else 0.0,
                     )  # fmt: skip
-                plane = out[slab.n0, :, z]
+                plane = out[slab.n0, z] if cl else out[slab.n0, :, z]
                 if not runs:
                     plane[...] = 0
                 if column is not None:
-                    plane += column.reshape(O, 1, 1)
+                    plane += _channel_column(column, 3, cl)
 
     with single_threaded_blas():
         run_tasks(work, _threads(interleaved=False))
 
 
-def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None) -> None:
+def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None, cl=False) -> None:
     """One GEMM per output plane over the window of its input planes (``K = kd*K2``);
     a bias ``column (O, 1)`` is added to each plane right after its GEMMs (starting the
     plane from it with ``beta = 1`` measured slower: the fill took the page faults on one
@@ -679,22 +756,21 @@ def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None) -> None:
     kd, kh, kw = geom.kernel
     K2 = geom.C * kh * kw
     wk = _plane_weights(w, geom)
-    Do, Ho, Wo = geom.spatial_out
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _unfold(x, geom, slab)
-        tmp = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        # batched items: the plane in a buffer, in the output's order ((O, P) or (P, O))
+        tmp = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
         for z in range(slab.d0, slab.d1):
             if tmp is None:
-                c_ptr = out.ctypes.data + ((slab.n0 * O) * Do + z) * Ho * Wo * isz
-                ldc = Do * Ho * Wo
+                c_ptr, ldc = _plane_ptr(out, slab.n0, z, cl)
+                plane = out[slab.n0, z] if cl else out[slab.n0, :, z]  # (Ho, Wo, O) / (O, Ho, Wo)
             else:
-                c_ptr, ldc = tmp.ctypes.data, P
+                c_ptr, ldc, plane = tmp.ctypes.data, tmp.shape[1], tmp
             runs = _runs(geom, z)
-            plane = tmp if tmp is not None else out[slab.n0, :, z]  # (O, P) / (O, Ho, Wo)
             for i, (a0, a1, q) in enumerate(runs):
-                # Fortran: y_z^T (P x O) (+)= window^T (P x K) @ W'[:, a0:a1]^T (K x O)
-                gemm_f(
-                    dtype, False, False, P, O, (a1 - a0) * K2,
+                # y_z (+)= W'[:, a0:a1] (O x K) @ window (K x P)
+                _gemm_out(
+                    dtype, cl, P, O, (a1 - a0) * K2,
                     col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                     wk.ctypes.data + a0 * K2 * isz, kd * K2,
                     c_ptr, ldc,
@@ -703,13 +779,14 @@ def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None) -> None:
             if not runs:
                 plane[...] = 0
             if column is not None:  # right after its GEMMs, while the plane is in cache
-                plane += column.reshape((O,) + (1,) * (plane.ndim - 1))
+                plane += _channel_column(column, plane.ndim, cl)
             if tmp is not None:
-                _plane_major(out, slab, z)[...] = tmp.reshape(O, slab.nb, Ho, Wo)
+                view = _plane_major(out, slab, z, cl)
+                view[...] = tmp.reshape(view.shape)
         del col, tmp  # free this slab's scratch before the next slab allocates its own
 
 
-def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
+def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None, cl=False) -> None:
     """One GEMM per input plane, ``W'' (kd*O x K2)`` at once, accumulating the block of
     the output planes it feeds in a plane-major slab (see :func:`_tap_rows_slab`).
 
@@ -724,7 +801,7 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
     if not numba_available() or _max_batch(geom) > 1:
         scratch = _Scratch(dtype)  # the slabs' buffers, reused from slab to slab
         for slab in _slabs(geom, isz, rows=True):
-            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch)
+            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch, cl)
         return
     cap = min(THREADED_SLAB_BYTES, config.workspace_bytes // 2)
     slabs = list(plan_slabs(geom, _cost(geom, isz, rows=True), cap))
@@ -732,101 +809,112 @@ def _forward_tap_rows(x, w, geom: ConvGeometry, out, column=None) -> None:
     def work(task: int, ntasks: int) -> None:
         scratch = _Scratch(dtype)
         for slab in slabs[task::ntasks]:
-            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch)
+            _tap_rows_slab(x, w, wm, geom, out, column, slab, scratch, cl)
 
     with single_threaded_blas():
         run_tasks(work, _threads(interleaved=False))
 
 
-def _tap_rows_slab(x, w, wm, geom: ConvGeometry, out, column, slab: Slab, scratch) -> None:
+def _tap_rows_slab(x, w, wm, geom: ConvGeometry, out, column, slab: Slab, scratch, cl) -> None:
     """Tap rows on one slab: each input plane is unfolded (on this thread) just before
     its GEMM; each output plane is zeroed (or set to the bias ``column (O, 1)``) just
     before its first GEMM and copied out just after its last (all three while it is in
     cache). With ``wm`` None (a ``W''`` too large to hold whole), each depth tap's rows
-    are re-laid from ``w`` just before its own GEMM."""
+    are re-laid from ``w`` just before its own GEMM. With ``cl`` the slab is held
+    position-major (:func:`_slab_buffer`) and copied out to NDHWC as it lies."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, lo = geom.kernel[0], geom.pads[0][0]
     K2 = geom.C * geom.kernel[1] * geom.kernel[2]
     col, q0, P, ld = _column_buffer(geom, slab, dtype, planes=1, scratch=scratch)
     q1 = _plane_range(geom, slab.d0, slab.d1)[1]
-    acc = scratch.get("acc", (slab.dz, O, P))
+    acc = _slab_buffer(scratch, "acc", geom, slab, cl)
     zeroed = done = slab.d0  # planes before these are zeroed / copied out
     for q in range(q0, q1):
         z0, z1, r0 = _row_block(geom, q, slab.d0, slab.d1)
         if z1 > z0:
-            acc[zeroed - slab.d0 : z1 - slab.d0] = 0 if column is None else column
+            start = 0 if column is None else _channel_column(column, 2, cl)
+            _slab_block(acc, zeroed - slab.d0, z1 - slab.d0, cl)[...] = start
             zeroed = max(zeroed, z1)
             _unfold_into(col, x, geom, slab, q, interleaved=True)
-            # Fortran: acc[z0:z1]^T (P x rows) += col_q^T (P x K2) @ W''[r0:]^T (K2 x rows),
-            # at once, or tap by tap (z, a = q + lo - z) from each tap's re-laid rows
+            # acc[z0:z1] (rows x P) += W''[r0:] (rows x K2) @ col_q (K2 x P), at once, or
+            # tap by tap (z, a = q + lo - z) from each tap's re-laid rows
             for za, zb in [(z0, z1)] if wm is not None else [(z, z + 1) for z in range(z0, z1)]:
                 rows = wm[r0:] if wm is not None else _tap_weights(w, geom, q + lo - za, scratch)
-                gemm_f(
-                    dtype, False, False, P, (zb - za) * O, K2,
+                if cl:
+                    c_ptr, ldc = acc.ctypes.data + (za - slab.d0) * O * isz, slab.dz * O
+                else:
+                    c_ptr, ldc = acc.ctypes.data + (za - slab.d0) * O * P * isz, P
+                _gemm_out(
+                    dtype, cl, P, (zb - za) * O, K2,
                     col.ctypes.data, ld,
                     rows.ctypes.data, K2,
-                    acc.ctypes.data + (za - slab.d0) * O * P * isz, P,
+                    c_ptr, ldc,
                     1.0,
                 )  # fmt: skip
         last = slab.d1 if q == q1 - 1 else min(slab.d1, q + lo - kd + 2)
         for z in range(done, last):  # complete: no later input plane feeds them
             if z < zeroed:
-                _plane_major(out, slab, z)[...] = _slab_plane(acc, geom, slab, z - slab.d0)
+                plane = _slab_plane(acc, geom, slab, z - slab.d0, cl)
+                _plane_major(out, slab, z, cl)[...] = plane
             else:  # no input plane feeds it (all padding)
-                _fill_plane(out, slab, z, column)
+                _fill_plane(out, slab, z, column, cl)
         done = max(done, last)
     for z in range(done, slab.d1):  # no input plane at all
-        _fill_plane(out, slab, z, column)
+        _fill_plane(out, slab, z, column, cl)
 
 
-def _fill_plane(out: np.ndarray, slab: Slab, z: int, column) -> None:
+def _fill_plane(out: np.ndarray, slab: Slab, z: int, column, cl: bool = False) -> None:
     """An output plane no input reaches: zeros, or the bias."""
-    planes = _plane_major(out, slab, z)  # (O, nb, Ho, Wo)
-    planes[...] = 0 if column is None else column.reshape(-1, 1, 1, 1)
+    planes = _plane_major(out, slab, z, cl)  # (O, nb, Ho, Wo) / (nb, Ho, Wo, O)
+    planes[...] = 0 if column is None else _channel_column(column, 4, cl)
 
 
-def _dy_plane(dy: np.ndarray, slab: Slab, z: int, buf):
-    """Pointer and row stride of ``dy[slab items, :, z]`` as an ``(O, P)`` matrix."""
-    O, Do = dy.shape[1], dy.shape[2]
-    plane = dy.shape[3] * dy.shape[4]
+def _dy_plane(dy: np.ndarray, slab: Slab, z: int, buf, cl: bool = False):
+    """Pointer and leading dimension of plane ``z`` of ``dy`` for the slab's items, as
+    :func:`_plane_ptr` gives it (``(O, P)``, or ``(P, O)`` with ``cl``), through ``buf``
+    (that shape) when the slab batches items."""
     if buf is None:
-        return dy.ctypes.data + ((slab.n0 * O) * Do + z) * plane * dy.itemsize, Do * plane
-    buf.reshape(O, slab.nb, *dy.shape[3:])[...] = _plane_major(dy, slab, z)
-    return buf.ctypes.data, slab.nb * plane
+        return _plane_ptr(dy, slab.n0, z, cl)
+    view = _plane_major(dy, slab, z, cl)
+    buf.reshape(view.shape)[...] = view
+    return buf.ctypes.data, buf.shape[1]
 
 
 class _DyPlanes:
-    """``dy`` of a slab, plane-major ``(dz, O, P)``, each plane copied in when first
-    asked for (while the GEMMs that read it are near)."""
+    """``dy`` of a slab in a :func:`_slab_buffer`, each plane copied in when first asked
+    for (while the GEMMs that read it are near)."""
 
-    def __init__(self, dy: np.ndarray, geom: ConvGeometry, slab: Slab, scratch: _Scratch):
-        self.dy, self.geom, self.slab = dy, geom, slab
-        P = slab.nb * geom.spatial_out[1] * geom.spatial_out[2]
-        self.data = scratch.get("dy", (slab.dz, geom.O, P))
+    def __init__(self, dy: np.ndarray, geom: ConvGeometry, slab: Slab, scratch: _Scratch, cl):
+        self.dy, self.geom, self.slab, self.cl = dy, geom, slab, cl
+        self.data = _slab_buffer(scratch, "dy", geom, slab, cl)
         self.ready = slab.d0
 
     def upto(self, z1: int) -> None:
         """Make planes ``< z1`` ready."""
         slab = self.slab
         for z in range(self.ready, z1):
-            _slab_plane(self.data, self.geom, slab, z - slab.d0)[...] = _plane_major(
-                self.dy, slab, z
-            )
+            plane = _plane_major(self.dy, slab, z, self.cl)
+            _slab_plane(self.data, self.geom, slab, z - slab.d0, self.cl)[...] = plane
         self.ready = max(self.ready, z1)
 
 
-def backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    x = np.ascontiguousarray(x)
+def backward_weight(
+    x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, channels_last: bool = False
+) -> np.ndarray:
+    """The weight gradient, ``geom.w_shape``; with ``channels_last``, from NDHWC ``x`` and
+    ``dy`` (``dy`` read as it lies, ``x`` transposed in for the unfolding)."""
+    x = _input_side(x, channels_last)
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     O, kd, kh, kw = geom.O, *geom.kernel
+    cl = channels_last
     if _tap_rows(geom) and geom.C >= _TAP_ROWS_MIN_C_WEIGHT:
-        acc = _backward_weight_tap_rows(x, dy, geom)  # (kd*O, K2), rows (kd-1-a, o)
+        acc = _backward_weight_tap_rows(x, dy, geom, cl)  # (kd*O, K2), rows (kd-1-a, o)
         dw = acc.reshape(kd, O, geom.C, kh, kw)[::-1].transpose(1, 2, 0, 3, 4)
     else:
         if threaded_columns(geom, x.itemsize) and _weight_partials(geom, x.itemsize) >= 2:
-            acc = _backward_weight_tap_columns_threaded(x, dy, geom)
+            acc = _backward_weight_tap_columns_threaded(x, dy, geom, cl)
         else:
-            acc = _backward_weight_tap_columns(x, dy, geom)  # (O, kd*K2), cols (a, c, b, e)
+            acc = _backward_weight_tap_columns(x, dy, geom, cl)  # (O, kd*K2), cols (a, c, b, e)
         dw = acc.reshape(O, kd, geom.C, kh, kw).transpose(0, 2, 1, 3, 4)
     return parallel_copy(dw).reshape(geom.w_shape)  # (c3d_conv5a's 28 MB: 5 -> 2.5 ms)
 
@@ -848,7 +936,7 @@ def _weight_partials(geom: ConvGeometry, itemsize: int) -> int:
     return int(min(WEIGHT_PARTIALS, slabs, room))
 
 
-def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarray:
+def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry, cl=False) -> np.ndarray:
     """Tap columns in the forward's slabs on the engine's threads, each slab unfolded and
     multiplied by one thread (BLAS single-threaded) into one of ``WEIGHT_PARTIALS``
     accumulators ``(K, O)``, summed at the end. Returns ``(O, kd*K2)``. Against the
@@ -857,7 +945,6 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarr
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     plan = _ItemSlabs(geom, x)
     K2, P, ld = plan.K2, plan.P, plan.ld
-    Do = geom.spatial_out[0]
     parts = _weight_partials(geom, isz)
     acc = np.zeros((parts, geom.kernel[0] * K2, O), dtype=dtype)
 
@@ -867,12 +954,13 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarr
             for slab in plan.slabs[g::parts]:
                 q0 = plan.unfold(slab, col)
                 for z in range(slab.d0, slab.d1):
-                    g_ptr = dy.ctypes.data + ((slab.n0 * O) * Do + z) * P * isz
+                    g_ptr, ldg = _plane_ptr(dy, slab.n0, z, cl)
                     for a0, a1, q in _runs(geom, z):
                         # acc[g, a0*K2 : a1*K2] (kr x O) += window (kr x P) @ dy_z.T (P x O)
+                        # (Fortran: dy_z stored (P x O), transposed; (O x P) with cl)
                         gemm_f(
-                            dtype, True, False, O, (a1 - a0) * K2, P,
-                            g_ptr, Do * P,
+                            dtype, not cl, False, O, (a1 - a0) * K2, P,
+                            g_ptr, ldg,
                             col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                             acc[g].ctypes.data + a0 * K2 * O * isz, O,
                             1.0,
@@ -886,7 +974,7 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry) -> np.ndarr
     return total.T
 
 
-def _backward_weight_tap_columns(x, dy, geom: ConvGeometry) -> np.ndarray:
+def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndarray:
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, kh, kw = geom.kernel
     K2 = geom.C * kh * kw
@@ -895,28 +983,28 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry) -> np.ndarray:
     acc = np.zeros((K, O) if o_rows else (O, K), dtype=dtype)
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _unfold(x, geom, slab)
-        buf = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        buf = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
                 continue
-            g_ptr, ldg = _dy_plane(dy, slab, z, buf)
+            g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
             for a0, a1, q in runs:
                 w_ptr = col.ctypes.data + (q - q0) * K2 * ld * isz
                 kr = (a1 - a0) * K2
                 if o_rows:
                     # acc[a0*K2 : a1*K2] (kr x O) += window (kr x P) @ dy_z.T (P x O)
                     c_ptr = acc.ctypes.data + a0 * K2 * O * isz
-                    gemm_f(dtype, True, False, O, kr, P, g_ptr, ldg, w_ptr, ld, c_ptr, O, 1.0)
+                    gemm_f(dtype, not cl, False, O, kr, P, g_ptr, ldg, w_ptr, ld, c_ptr, O, 1.0)
                 else:
                     # acc[:, a0*K2 : a1*K2] (O x kr) += dy_z (O x P) @ window.T (P x kr)
                     c_ptr = acc.ctypes.data + a0 * K2 * isz
-                    gemm_f(dtype, True, False, kr, O, P, w_ptr, ld, g_ptr, ldg, c_ptr, K, 1.0)
+                    gemm_f(dtype, True, cl, kr, O, P, w_ptr, ld, g_ptr, ldg, c_ptr, K, 1.0)
         del col, buf  # free this slab's scratch before the next slab allocates its own
     return acc.T if o_rows else acc
 
 
-def _backward_weight_tap_rows(x, dy, geom: ConvGeometry) -> np.ndarray:
+def _backward_weight_tap_rows(x, dy, geom: ConvGeometry, cl=False) -> np.ndarray:
     """Per input plane: ``dW''[block] += dy[planes it fed] @ col_q.T``."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     K2 = geom.C * geom.kernel[1] * geom.kernel[2]
@@ -925,7 +1013,7 @@ def _backward_weight_tap_rows(x, dy, geom: ConvGeometry) -> np.ndarray:
     for slab in _slabs(geom, isz, rows=True):
         col, q0, P, ld = _column_buffer(geom, slab, dtype, planes=1, scratch=scratch)
         q1 = _plane_range(geom, slab.d0, slab.d1)[1]
-        dys = _DyPlanes(dy, geom, slab, scratch)
+        dys = _DyPlanes(dy, geom, slab, scratch, cl)
         for q in range(q0, q1):
             z0, z1, r0 = _row_block(geom, q, slab.d0, slab.d1)
             if z1 <= z0:
@@ -933,20 +1021,30 @@ def _backward_weight_tap_rows(x, dy, geom: ConvGeometry) -> np.ndarray:
             dys.upto(z1)
             _unfold_into(col, x, geom, slab, q, interleaved=True)
             # Fortran: dW''[r0:]^T (K2 x rows) += col_q (K2 x P) @ dy[z0:z1]^T (P x rows)
+            # (the block of dy stored (P x rows); with cl (rows x P), rows dz*O apart)
+            if cl:
+                g_ptr, ldg = dys.data.ctypes.data + (z0 - slab.d0) * O * isz, slab.dz * O
+            else:
+                g_ptr, ldg = dys.data.ctypes.data + (z0 - slab.d0) * O * P * isz, P
             gemm_f(
-                dtype, True, False, K2, (z1 - z0) * O, P,
+                dtype, True, cl, K2, (z1 - z0) * O, P,
                 col.ctypes.data, ld,
-                dys.data.ctypes.data + (z0 - slab.d0) * O * P * isz, P,
+                g_ptr, ldg,
                 acc.ctypes.data + r0 * K2 * isz, K2,
                 1.0,
             )  # fmt: skip
     return acc
 
 
-def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+def backward_input(
+    dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, channels_last: bool = False
+) -> np.ndarray:
+    """The input gradient, ``geom.in_shape``; with ``channels_last``, NDHWC from NDHWC
+    ``dy`` (``dy`` read as it lies, ``dx`` folded in NCDHW and transposed out)."""
     dy = np.ascontiguousarray(dy)
     w = w.astype(dy.dtype, copy=False)
     dx = np.zeros(geom.in_shape, dtype=dy.dtype)
+    cl = channels_last
     # Tap columns even where the forward stacks tap rows: measured faster on the stems
     # (i3d 57-60 vs 70-72 ms, R3D 66-70 vs 75-79), the only such layers that get here
     # (a stride-1 dx with 16+ channels is a forward convolution).
@@ -956,13 +1054,13 @@ def backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> np.ndar
         # into them. Training step in a loop: c3d_conv1a 146-150 -> 103-108 ms,
         # unet3d_enc1 121-139 -> 97-100. (Not the tap-rows stems: R3D's dx 127 -> 185.)
         with own_threads():
-            _backward_input_tap_columns(dy, w, geom, dx)
+            _backward_input_tap_columns(dy, w, geom, dx, cl)
     else:
-        _backward_input_tap_columns(dy, w, geom, dx)
-    return dx
+        _backward_input_tap_columns(dy, w, geom, dx, cl)
+    return transpose_channels(dx, to_last=True) if cl else dx
 
 
-def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx) -> None:
+def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None:
     """Per output plane: ``window += W'.T @ dy_z`` (accumulated in plane order), then
     the in-plane col2im of the slab's planes."""
     O, isz, dtype = geom.O, dy.itemsize, dy.dtype
@@ -972,16 +1070,16 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx) -> None:
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _column_buffer(geom, slab, dtype)
         col[...] = 0
-        buf = np.empty((O, P), dtype=dtype) if slab.nb > 1 else None
+        buf = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
                 continue
-            g_ptr, ldg = _dy_plane(dy, slab, z, buf)
+            g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
             for a0, a1, q in runs:
                 # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
                 gemm_f(
-                    dtype, False, True, P, (a1 - a0) * K2, O,
+                    dtype, cl, True, P, (a1 - a0) * K2, O,
                     g_ptr, ldg,
                     wk.ctypes.data + a0 * K2 * isz, kd * K2,
                     col.ctypes.data + (q - q0) * K2 * ld * isz, ld,

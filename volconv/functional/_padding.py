@@ -199,8 +199,9 @@ def pad_backward(g: np.ndarray, pads: Pads, mode: str) -> np.ndarray:
 # The engine computes in NCDHW. NDHWC ("channels-last") input and output are transposed
 # to and from NCDHW here, and only here (a blocked transpose on the engine's threads:
 # engine/_layout.py), except where the engine computes channels-last itself
-# (``engine.channels_last``: dense stride-1 1x1x1 layers and Winograd's layers, which
-# ``conv3d`` hands over untransposed).
+# (``engine.channels_last``: 1x1x1, depth-only, depthwise and Winograd's layers, and the
+# first layers and stems of the in-plane unfolding, which ``conv3d`` hands over
+# untransposed).
 def ncdhw_shape(shape: tuple[int, ...], fmt: str) -> tuple[int, ...]:
     """The NCDHW shape of an array of ``shape`` in layout ``fmt``."""
     if fmt == "NDHWC":

@@ -272,9 +272,9 @@ def conv3d(
         _bias_shape(b, geom.O)
     check_allocation(geom.out_shape, cdt, "conv3d output")
     wc = _compute_array(w, cdt).reshape(w6)
-    # NDHWC layers that the engine computes as they are (dense stride-1 1x1x1: one GEMM;
-    # Winograd's layers: its transforms read and write channel vectors) go to it with no
-    # transpose in or out (engine.channels_last); the others are computed in NCDHW.
+    # NDHWC layers that the engine computes as they are (engine.channels_last: 1x1x1 and
+    # depth-only GEMMs, depthwise loops, Winograd's transforms, the unfolding's GEMMs on
+    # the stems) go to it with no transpose here; the others are computed in NCDHW.
     native = fmt == "NDHWC" and mode == "zeros" and engine.channels_last(geom, cdt)
     layout = "NCDHW" if native else fmt  # what to_ncdhw / from_ncdhw convert: nothing
     forward = engine.ndhwc_forward if native else engine.conv3d_forward
