@@ -29,7 +29,7 @@ TINY = [
 
 RECORD_KEYS = {"name", "layer", "flops_fwd", "flops_bwd", "volconv", "torch", "rel_err", "derived"}
 TOP_KEYS = {
-    "format", "created", "quick", "threads", "repeats", "statistic", "seed", "algorithm",
+    "format", "created", "quick", "threads", "repeats", "rounds", "statistic", "seed", "algorithm",
     "workspace_bytes", "machine", "torch", "layers", "geomean", "elapsed_s",
 }  # fmt: skip
 
@@ -117,6 +117,44 @@ def test_workspace_cap_reaches_the_workers(tmp_path, tiny_suite, monkeypatch, wo
     assert code == 0 and result["workspace_bytes"] == 3 << 19
     assert seen == [3 << 19, 3 << 19]  # forward and backward
     assert "workspace cap: 1.5 MiB" in md
+
+
+def test_rounds_alternate_the_libraries_and_report_the_median(tmp_path, tiny_suite, monkeypatch):
+    """``--rounds 3``: every phase runs three times, volconv and the peer alternating
+    (here a stand-in peer: the volconv worker itself, in this process), and each phase
+    reports its median round, with every round's median kept in the JSON."""
+    calls = []
+
+    def counting(cmd, spec, env, timeout):
+        calls.append((cmd[0], spec["phase"]))
+        if spec["phase"] == "info":
+            return {"torch": "stand-in"}
+        return _in_process(cmd, spec, env, timeout)
+
+    monkeypatch.setattr(_run, "run_worker", counting)
+    code, result, md = _run_bench(
+        tmp_path, tiny_suite, "--quick", "--layers", "tiny_dense", "--rounds", "3",
+        "--torch-python", "peer-python",
+    )  # fmt: skip
+    assert code == 0 and result["rounds"] == 3 and "median round of 3" in md
+    forwards = [cmd for cmd, phase in calls if phase == "forward"]
+    assert forwards == [sys.executable, "peer-python"] * 3
+    for lib in ("volconv", "torch"):
+        for phase in ("forward", "backward"):
+            rec = result["layers"][0][lib][phase]
+            assert len(rec["round_medians_s"]) == 3
+            assert rec["median_s"] == sorted(rec["round_medians_s"])[1]
+
+
+def test_rounds_below_one_is_a_usage_error(tiny_suite, capsys):
+    assert main(["--suite", str(tiny_suite), "--rounds", "0", "--no-torch"]) == 2
+    assert "--rounds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_median_round_of_failures_and_even_counts():
+    assert _run.median_round([{"median_s": 2.0}, {"error": "boom"}]) == {"error": "boom"}
+    two = _run.median_round([{"median_s": 2.0}, {"median_s": 1.0}])
+    assert two["median_s"] == 1.0 and two["round_medians_s"] == [2.0, 1.0]
 
 
 def test_unknown_layer_is_a_usage_error(tmp_path, tiny_suite, capsys):

@@ -162,6 +162,12 @@ def _busy_warning(result: dict[str, Any]) -> list[str]:
     return []
 
 
+def _rounds(result: dict[str, Any]) -> str:
+    """How the rounds were combined, for the report header ("" for one round)."""
+    rounds = result.get("rounds", 1)
+    return f", median round of {rounds} (volconv and torch alternating)" if rounds > 1 else ""
+
+
 def _cap(result: dict[str, Any]) -> str:
     """The run's workspace cap, in MiB (the library default when not set)."""
     cap = result.get("workspace_bytes")
@@ -190,7 +196,8 @@ def markdown_report(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- torch: {torch.get('torch', 'n/a (not run)')}; "
         f"algorithm: {result['algorithm'] or 'chooser'}; "
         f"workspace cap: {_cap(result)}; "
-        f"times: median of {result['repeats']} after 1 warm-up; seed {result['seed']}",
+        f"times: median of {result['repeats']} after 1 warm-up{_rounds(result)}; "
+        f"seed {result['seed']}",
         *_busy_warning(result),
         "",
         markdown_table(rows),

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke run: N=1, spatial sizes halved (>= kernel extent), 1 repeat",
     )
     p.add_argument("--repeats", type=int, help="timed calls per phase after 1 warm-up (3)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every layer's workers this many times, volconv and torch alternating, "
+        "and report each phase's median round (1): ratios steadier on a noisy machine",
+    )
     p.add_argument("--threads", type=int, default=_default_threads(), help="threads, both libs")
     p.add_argument("--json", type=Path, help="JSON output (bench/results/latest.json)")
     p.add_argument("--markdown", type=Path, help="markdown output (bench/results/latest.md)")
@@ -157,6 +164,7 @@ class Bench:
         self.args = args
         self.env = worker_env(args.threads)
         self.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+        self.rounds = args.rounds
         self.volconv_cmd = [sys.executable, "-m", "volconv.bench._worker"]
         self.torch_cmd = [torch_python, str(TORCH_WORKER)] if torch_python else None
 
@@ -192,15 +200,25 @@ class Bench:
         return result
 
     def layer(self, layer: dict[str, Any]) -> dict[str, Any]:
-        """Full record of one layer: both libraries, both phases, cross-check."""
+        """Full record of one layer: both libraries, both phases (the median of the
+        rounds, see :func:`median_round`), cross-check."""
         flops = _common.layer_flops(layer)
+        cmds = {"volconv": self.volconv_cmd, "torch": self.torch_cmd}
+        rounds: dict[str, list[dict[str, Any]]] = {lib: [] for lib, cmd in cmds.items() if cmd}
+        for _ in range(self.rounds):  # the libraries alternate: drifts in load hit both
+            for lib in rounds:
+                rounds[lib].append(self.side(cmds[lib], layer))
+        sides = {
+            lib: {phase: median_round([r[phase] for r in runs]) for phase in runs[0]}
+            for lib, runs in rounds.items()
+        }
         record: dict[str, Any] = {
             "name": layer["name"],
             "layer": layer,
             "flops_fwd": flops,
             "flops_bwd": 2 * flops,
-            "volconv": self.side(self.volconv_cmd, layer),
-            "torch": self.side(self.torch_cmd, layer) if self.torch_cmd else None,
+            "volconv": sides["volconv"],
+            "torch": sides.get("torch"),
         }
         record["rel_err"] = _report.rel_errors(record["volconv"], record["torch"])
         errors = [
@@ -211,6 +229,24 @@ class Bench:
         ]
         record["error"] = "; ".join(errors) or None
         return record
+
+
+def median_round(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of one phase's median round (by ``median_s``; the lower middle of an
+    even count), with every round's median in ``round_medians_s``; the first failed
+    round's record if any failed.
+
+    Examples
+    --------
+    >>> median_round([{"median_s": 3.0}, {"median_s": 1.0}, {"median_s": 2.0}])
+    {'median_s': 2.0, 'round_medians_s': [3.0, 1.0, 2.0]}
+    """
+    failed = [r for r in records if "error" in r]
+    if failed:
+        return failed[0]
+    chosen = dict(sorted(records, key=lambda r: r["median_s"])[(len(records) - 1) // 2])
+    chosen["round_medians_s"] = [r["median_s"] for r in records]
+    return chosen
 
 
 def _strip_samples(record: dict[str, Any]) -> None:
@@ -269,6 +305,8 @@ def _setup(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Bench, dict[
     """Layers to run, the run state and torch's info (None when torch is skipped)."""
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     layers = _suite.select(_suite.load_suite(args.suite), args.layers)
     if args.quick:
         layers = [_suite.shrink(layer) for layer in layers]
@@ -374,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "threads": args.threads,
         "repeats": bench.repeats,
-        "statistic": "median of repeats after one warm-up call",
+        "rounds": bench.rounds,
+        "statistic": "median of repeats after one warm-up call"
+        + (", in the median of the rounds" if bench.rounds > 1 else ""),
         "seed": args.seed,
         "algorithm": args.algorithm,
         "workspace_bytes": _workspace_bytes(args),

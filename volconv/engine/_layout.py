@@ -46,6 +46,17 @@ def _kernels() -> dict:
     return {"transpose": numba.njit(cache=True, nogil=True)(_transpose_worker)}
 
 
+def layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """An NCDHW ``shape`` as NDHWC when ``channels_last`` (as it is otherwise).
+
+    Examples
+    --------
+    >>> layout_shape((2, 3, 4, 5, 6), channels_last=True)
+    (2, 4, 5, 6, 3)
+    """
+    return (shape[0], *shape[2:], shape[1]) if channels_last else tuple(shape)
+
+
 def transpose_channels(a: np.ndarray, to_last: bool, dtype=None) -> np.ndarray:
     """``a`` NCDHW -> NDHWC (``to_last``) or NDHWC -> NCDHW, as a new C-contiguous array
     of ``dtype`` (default ``a.dtype``).

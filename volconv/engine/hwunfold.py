@@ -82,7 +82,7 @@ from .. import config
 from . import _numba_runtime
 from ._args import ConvGeometry
 from ._blas import gemm_f, own_threads, single_threaded_blas
-from ._layout import transpose_channels
+from ._layout import layout_shape, transpose_channels
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 from ._slabs import (
     Slab,
@@ -582,7 +582,7 @@ def forward(
     whose outputs are the large side)."""
     x = _input_side(x, channels_last)
     w = w.astype(x.dtype, copy=False)
-    out = np.empty(_layout_shape(geom.out_shape, channels_last), dtype=x.dtype)
+    out = np.empty(layout_shape(geom.out_shape, channels_last), dtype=x.dtype)
     column = None if bias is None else np.asarray(bias, dtype=x.dtype).reshape(-1, 1)
     cl = channels_last
     if _tap_rows(geom):
@@ -595,15 +595,10 @@ def forward(
 
 
 def _input_side(x: np.ndarray, channels_last: bool) -> np.ndarray:
-    """``x`` (or ``dx``'s layout) as the unfolding reads it: C-contiguous NCDHW."""
+    """``x`` as the unfolding reads it: C-contiguous NCDHW (transposed from NDHWC)."""
     if channels_last:
         return transpose_channels(x, to_last=False)
     return np.ascontiguousarray(x)
-
-
-def _layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
-    """An NCDHW ``shape`` as NDHWC when ``channels_last``."""
-    return (shape[0], *shape[2:], shape[1]) if channels_last else tuple(shape)
 
 
 def _gemm_out(dtype, cl: bool, P: int, O: int, K: int, col_ptr, ld, w_ptr, ldw, c_ptr, ldc, beta):

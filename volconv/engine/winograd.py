@@ -195,7 +195,7 @@ import numpy as np
 from .. import config
 from ._args import ConvGeometry
 from ._blas import gemm_batch, single_threaded_blas
-from ._layout import transpose_channels
+from ._layout import layout_shape, transpose_channels
 from ._numba_runtime import compile_once, numba_available, run_shares, run_tasks
 
 NAME = "winograd"
@@ -1247,7 +1247,7 @@ def forward(
     x = np.ascontiguousarray(x)
     w3 = np.ascontiguousarray(w.reshape(O, C, geom.taps), dtype=dtype)
     geo_in, geo_out = _geos(geom, plan)
-    y = np.empty(_layout_shape(geom.out_shape, channels_last), dtype=dtype)
+    y = np.empty(layout_shape(geom.out_shape, channels_last), dtype=dtype)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
     Ps, Cp, ob, tb = plan.Ps, plan.Cp, plan.ob, plan.rb * plan.grid[2]
     Ubuf = np.empty(Ps * Cp * ob, dtype=dtype)
@@ -1270,11 +1270,6 @@ def forward(
             bias_or_none = b if a0 == 0 else no_bias
             _run(kernels["output"], nw, M, geo_out, r0, r1, o0, a0, y, bias_or_none, a0 > 0, cl)
     return y
-
-
-def _layout_shape(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
-    """An NCDHW ``shape`` as NDHWC when ``channels_last``."""
-    return (shape[0], *shape[2:], shape[1]) if channels_last else tuple(shape)
 
 
 def _block_chunks(plan: _Plan, kernels, nw: int, x, geo_in, Vbuf, channels_last: bool):
