@@ -50,6 +50,8 @@ through :func:`conv3d_forward` and the same chooser.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import config
@@ -295,10 +297,8 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
         )
     algorithm = polyphase if route == polyphase.NAME else ALGORITHMS[route]
     gradient = getattr(algorithm, "backward_input", im2col.backward_input)
-    if own_threads:
-        with _blas.own_threads():
-            return gradient(dy, w, geom)
-    return gradient(dy, w, geom)
+    with _blas.own_threads() if own_threads else contextlib.nullcontext():
+        return gradient(dy, w, geom)
 
 
 #: Routes of :func:`_input_gradient_route` besides an algorithm's name.
@@ -474,10 +474,8 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
         return depthwise.forward_channels_last(dy, flip_weight(w), adjoint)
     route, own_threads = _input_gradient_route(geom, dy.dtype)
     if route == hwunfold.NAME:
-        if own_threads:
-            with _blas.own_threads():
-                return hwunfold.backward_input(dy, w, geom, channels_last=True)
-        return hwunfold.backward_input(dy, w, geom, channels_last=True)
+        with _blas.own_threads() if own_threads else contextlib.nullcontext():
+            return hwunfold.backward_input(dy, w, geom, channels_last=True)
     if route == _ADJOINT:
         adjoint = transposed_geometry(geom)
         if winograd.prefer(adjoint, dy.dtype) and _all_finite(dy) and _all_finite(w):
