@@ -805,3 +805,38 @@ def test_huge_finite_values_take_an_exact_path(name, algorithm):
     with np.errstate(over="ignore", invalid="ignore"):
         y = F.conv3d(x, w, padding=1).numpy()
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# ---- settings: checked where they are assigned -----------------------------------------------
+@pytest.mark.parametrize(
+    "name, value, error, message",
+    [
+        ("workspace_bytes", -1, ValueError, "config.workspace_bytes must be >= 0 bytes, got -1"),
+        ("workspace_bytes", "64MB", TypeError, "config.workspace_bytes must be an int"),
+        ("workspace_bytes", 1.5e6, TypeError, "got 1500000.0 of type float"),
+        ("workspace_bytes", True, TypeError, "got True of type bool"),
+        ("workspace_bytes", None, TypeError, "got None of type NoneType"),
+        ("algorithm", "nope", ValueError, "config.algorithm='nope' is not None or one of"),
+        ("algorithm", 3, ValueError, "config.algorithm=3 is not None or one of"),
+        ("deterministic", "yes", TypeError, "config.deterministic must be True or False"),
+        ("autotune", 2, TypeError, "config.autotune must be True or False, got 2"),
+    ],
+)
+def test_bad_settings_raise_where_assigned(name, value, error, message):
+    """A bad setting raises at its assignment, naming it and the value, and leaves the
+    setting as it was (no convolution runs with it)."""
+    before = getattr(mge.config, name)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(".", r"\.")):
+        setattr(mge.config, name, value)
+    assert getattr(mge.config, name) == before
+
+
+def test_settings_accept_numpy_scalars_as_python_values():
+    saved = mge.config.workspace_bytes, mge.config.deterministic
+    try:
+        mge.config.workspace_bytes = np.int64(1 << 20)
+        mge.config.deterministic = np.bool_(True)
+        assert type(mge.config.workspace_bytes) is int and mge.config.workspace_bytes == 1 << 20
+        assert mge.config.deterministic is True
+    finally:
+        mge.config.workspace_bytes, mge.config.deterministic = saved

@@ -28,18 +28,81 @@ deterministic : bool
     BLAS builds, CPUs, ``workspace_bytes`` values (slabs change the summation order of
     gradients), algorithms, or batch sizes.
 
+Each setting is checked where it is assigned: a value of the wrong type or range raises
+``TypeError`` / ``ValueError`` naming the setting and the value.
+
 Examples
 --------
 >>> import volconv
 >>> volconv.config.workspace_bytes = 16 << 20   # 16 MiB: less memory, smaller GEMMs
 >>> volconv.config.workspace_bytes = 64 << 20   # back to the default
+>>> volconv.config.workspace_bytes = -1
+Traceback (most recent call last):
+    ...
+ValueError: config.workspace_bytes must be >= 0 bytes, got -1
 """
 
 from __future__ import annotations
 
+import numbers
 import os
+import sys
+import types
+
+import numpy as np
 
 workspace_bytes: int = 64 << 20
 algorithm: str | None = None
 autotune: bool = os.environ.get("VOLCONV_AUTOTUNE", "") not in ("", "0")
 deterministic: bool = False
+
+
+def _check_workspace(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            "config.workspace_bytes must be an int number of bytes (e.g. 16 << 20), "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    if value < 0:
+        raise ValueError(f"config.workspace_bytes must be >= 0 bytes, got {value}")
+    return int(value)
+
+
+def _check_algorithm(value):
+    if value is None:
+        return None
+    from .engine import algorithms  # (the engine imports this module: no import cycle here)
+
+    if not isinstance(value, str) or value not in algorithms():
+        raise ValueError(f"config.algorithm={value!r} is not None or one of {algorithms()}")
+    return value
+
+
+def _flag(name: str):
+    def check(value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"config.{name} must be True or False, got {value!r}")
+        return bool(value)
+
+    return check
+
+
+_CHECKS = {
+    "workspace_bytes": _check_workspace,
+    "algorithm": _check_algorithm,
+    "autotune": _flag("autotune"),
+    "deterministic": _flag("deterministic"),
+}
+
+
+class _Settings(types.ModuleType):
+    """This module's class: a setting is checked where it is assigned, so that a bad
+    value raises there, naming the setting and the value, rather than in (or silently
+    through) some later convolution."""
+
+    def __setattr__(self, name: str, value) -> None:
+        check = _CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
+
+sys.modules[__name__].__class__ = _Settings
