@@ -59,6 +59,9 @@ def test_quick_no_torch_writes_json_and_markdown(tmp_path, tiny_suite, capsys):
     assert code == 0
     assert TOP_KEYS <= result.keys()
     assert result["quick"] is True and result["repeats"] == 1 and result["torch"] is None
+    assert (
+        result["rounds"] == 1 and "round_medians_s" not in result["layers"][0]["volconv"]["forward"]
+    )
     assert result["machine"]["sgemm"]["gflops"] > 0
     assert [r["name"] for r in result["layers"]] == ["tiny_dense"]
     for record in result["layers"]:

@@ -233,8 +233,8 @@ class Bench:
 
 def median_round(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The record of one phase's median round (by ``median_s``; the lower middle of an
-    even count), with every round's median in ``round_medians_s``; the first failed
-    round's record if any failed.
+    even count), with every round's median in ``round_medians_s`` when there are several;
+    the first failed round's record if any failed.
 
     Examples
     --------
@@ -245,7 +245,8 @@ def median_round(records: list[dict[str, Any]]) -> dict[str, Any]:
     if failed:
         return failed[0]
     chosen = dict(sorted(records, key=lambda r: r["median_s"])[(len(records) - 1) // 2])
-    chosen["round_medians_s"] = [r["median_s"] for r in records]
+    if len(records) > 1:
+        chosen["round_medians_s"] = [r["median_s"] for r in records]
     return chosen
 
 
