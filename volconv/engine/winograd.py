@@ -100,9 +100,9 @@ than the GEMM algorithms.
 Memory
 ------
 Tile rows are processed in blocks sized so that everything stays under
-``volconv.config.workspace_bytes``: ``V + M`` aim at an eighth of the cap
-(``BLOCK_FRACTION``; 8 MiB of the default 64 measured as fast as 24; the weight
-gradient's ``V + DY`` at ``WEIGHT_BLOCK_FRACTION``) but hold at least
+``volconv.config.workspace_bytes``: ``V + M`` aim at a quarter of the cap
+(``BLOCK_FRACTION``: taller GEMMs for 32-64 channels; the weight gradient's ``V + DY``
+at ``WEIGHT_BLOCK_FRACTION``) but hold at least
 ``MIN_BLOCK_TILES`` tiles (fewer made C3D conv3a's GEMMs 35-50% slower). ``U`` is 8x
 the weight for F(4x4x4, 3x3x3) (27 MiB at 128 -> 256 channels) and is held whole,
 computed once per call, when it takes at most half the cap. A larger one goes, first
@@ -214,9 +214,13 @@ SCRATCH_TARGET = 1536 << 10
 #: every block (see "Memory" above).
 TRANSFORMED_WEIGHT_SHARE = 2
 #: A block's transformed input and output (``V + M``) aim at this fraction of the cap
-#: (8 MiB of the default 64; 24 MiB measured no faster). Smaller blocks keep them in
-#: cache; bigger ones make fewer, fatter GEMMs and re-read U less often.
-BLOCK_FRACTION = 1 / 8
+#: (16 MiB of the default 64). Smaller blocks keep them in cache; bigger ones make fewer,
+#: taller GEMMs and re-read U less often. With 32-64 channels the per-point GEMMs of ~150
+#: tiles ran at ~70 GFLOP/s, of ~600 at ~85, and against 1/8 (interleaved fresh
+#: processes, forward ms): dilated_d2 98-111 -> 72-92, unet3d_enc2 112-174 -> 98-135;
+#: 128-256 channels (C3D conv3a, U-Net 16^3: blocks bounded by the room U leaves) and
+#: R(2+1)D's spatial layer measured the same; 3/8 no faster than 1/4.
+BLOCK_FRACTION = 1 / 4
 #: The weight gradient's blocks (``V + DY``) aim at this fraction of the cap (24 MiB of the
 #: default 64): its GEMMs reduce over a block's tiles, and 8 MiB blocks measured 20-40%
 #: slower (dilated_d2, unet3d_enc2).
