@@ -17,7 +17,7 @@ from tracing import scratch_bytes
 
 import volconv
 from volconv import engine
-from volconv.engine import _numba_runtime, _slabs, hwunfold, im2col
+from volconv.engine import _numba_runtime, _slabs, hwunfold, im2col, winograd
 from volconv.engine._args import conv_geometry
 from volconv.engine.reference import conv3d_reference
 
@@ -312,3 +312,50 @@ def test_stem_through_the_public_api_matches_im2col():
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(engine.conv3d_backward_input(dy, w, geom), dx_ref, atol=1e-3)
     np.testing.assert_allclose(engine.conv3d_backward_weight(x, dy, geom), dw_ref, atol=1e-2)
+
+
+def test_stem_then_winograd_chain_in_channels_last(monkeypatch):
+    """A video stem in NDHWC (3 channels, 3x7x7 at stride (1, 2, 2): the unfolding), ReLU,
+    then a 3x3x3 Winograd layer, forward and backward through the functional API with a
+    bias on each: the NCDHW chain's results, and the only arrays ever transposed are the
+    stem's input (for its forward and its weight gradient; the data needs no gradient)."""
+    from volconv.autodiff import GradManager
+    from volconv.functional import _padding
+
+    F = volconv.functional
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 3, 6, 30, 28)).astype(np.float32)
+    w1 = rng.standard_normal((16, 3, 3, 7, 7)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((16, 16, 3, 3, 3)).astype(np.float32) * 0.1
+    b1, b2 = (rng.standard_normal((1, 16, 1, 1, 1)).astype(np.float32) for _ in range(2))
+
+    def run(xa, fmt):
+        params = [volconv.Parameter(a) for a in (w1, b1, w2, b2)]
+        gm = GradManager().attach(params)
+        with gm:
+            h = F.relu(F.conv3d(volconv.Tensor(xa), params[0], params[1], (1, 2, 2), (1, 3, 3),
+                                format=fmt))  # fmt: skip
+            y = F.conv3d(h, params[2], params[3], padding=1, format=fmt)
+            gm.backward((y * y).sum())
+        return [y.numpy()] + [p.grad.numpy() for p in params]
+
+    want = run(x, "NCDHW")
+    shapes = []
+    one = (1, 1, 1)
+    stem = conv_geometry(x.shape, (1, 16, 3, 3, 7, 7), (1, 2, 2), ((1, 1), (3, 3), (3, 3)), one, 1)
+    second = conv_geometry(stem.out_shape, (1, 16, 16, 3, 3, 3), one, ((1, 1),) * 3, one, 1)
+    assert engine.channels_last(stem) and engine.choose(stem, np.dtype(np.float32)) == "hwunfold"
+    assert (
+        engine.channels_last(second) and engine.choose(second, np.dtype(np.float32)) == "winograd"
+    )
+    for module in (engine, _padding, hwunfold, winograd):
+        real = module.transpose_channels
+        monkeypatch.setattr(
+            module,
+            "transpose_channels",
+            lambda a, *args, real=real, **kw: shapes.append(a.shape) or real(a, *args, **kw),
+        )
+    got = run(_last(x), "NDHWC")
+    assert shapes == [_last(x).shape] * 2, shapes  # the stem's forward and weight gradient
+    for a, b in zip(got, [_last(want[0]), *want[1:]], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * float(np.abs(b).max()))
