@@ -569,6 +569,23 @@ def _slab_block(acc: np.ndarray, z0: int, z1: int, cl: bool) -> np.ndarray:
     return acc[:, z0:z1] if cl else acc[z0:z1]
 
 
+def _slab_ptr(acc: np.ndarray, zi: int, cl: bool) -> tuple[int, int]:
+    """Pointer and leading dimension of the ``(plane, channel)`` rows from slab-relative
+    plane ``zi`` on, of a :func:`_slab_buffer`, as a GEMM matrix: Fortran ``(P x rows)``
+    plane-major, ``(rows x P)`` position-major (``cl``)."""
+    if cl:
+        _, dz, O = acc.shape
+        return acc.ctypes.data + zi * O * acc.itemsize, dz * O
+    _, O, P = acc.shape
+    return acc.ctypes.data + zi * O * P * acc.itemsize, P
+
+
+def _batch_buffer(slab: Slab, P: int, O: int, dtype, cl: bool):
+    """A slab's plane of output or ``dy`` gathered for batched items (``(O, P)``, or
+    ``(P, O)`` with ``cl``: the order :func:`_plane_major` gives); None for one item."""
+    return np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
+
+
 #: The forward adds a bias itself (each output plane starts from it, in cache).
 FUSED_BIAS = True
 
@@ -732,11 +749,11 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None, cl
                         c_ptr, ldc,
                         1.0 if i else 0.0,
                     )  # fmt: skip
-                plane = out[slab.n0, z] if cl else out[slab.n0, :, z]
+                plane = _plane_major(out, slab, z, cl)
                 if not runs:
                     plane[...] = 0
                 if column is not None:
-                    plane += _channel_column(column, 3, cl)
+                    plane += _channel_column(column, plane.ndim, cl)
 
     with single_threaded_blas():
         run_tasks(work, _threads(interleaved=False))
@@ -753,12 +770,11 @@ def _forward_tap_columns(x, w, geom: ConvGeometry, out, column=None, cl=False) -
     wk = _plane_weights(w, geom)
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _unfold(x, geom, slab)
-        # batched items: the plane in a buffer, in the output's order ((O, P) or (P, O))
-        tmp = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
+        tmp = _batch_buffer(slab, P, O, dtype, cl)
         for z in range(slab.d0, slab.d1):
             if tmp is None:
                 c_ptr, ldc = _plane_ptr(out, slab.n0, z, cl)
-                plane = out[slab.n0, z] if cl else out[slab.n0, :, z]  # (Ho, Wo, O) / (O, Ho, Wo)
+                plane = _plane_major(out, slab, z, cl)
             else:
                 c_ptr, ldc, plane = tmp.ctypes.data, tmp.shape[1], tmp
             runs = _runs(geom, z)
@@ -817,7 +833,7 @@ def _tap_rows_slab(x, w, wm, geom: ConvGeometry, out, column, slab: Slab, scratc
     cache). With ``wm`` None (a ``W''`` too large to hold whole), each depth tap's rows
     are re-laid from ``w`` just before its own GEMM. With ``cl`` the slab is held
     position-major (:func:`_slab_buffer`) and copied out to NDHWC as it lies."""
-    O, isz, dtype = geom.O, x.itemsize, x.dtype
+    O, dtype = geom.O, x.dtype
     kd, lo = geom.kernel[0], geom.pads[0][0]
     K2 = geom.C * geom.kernel[1] * geom.kernel[2]
     col, q0, P, ld = _column_buffer(geom, slab, dtype, planes=1, scratch=scratch)
@@ -835,10 +851,7 @@ def _tap_rows_slab(x, w, wm, geom: ConvGeometry, out, column, slab: Slab, scratc
             # tap by tap (z, a = q + lo - z) from each tap's re-laid rows
             for za, zb in [(z0, z1)] if wm is not None else [(z, z + 1) for z in range(z0, z1)]:
                 rows = wm[r0:] if wm is not None else _tap_weights(w, geom, q + lo - za, scratch)
-                if cl:
-                    c_ptr, ldc = acc.ctypes.data + (za - slab.d0) * O * isz, slab.dz * O
-                else:
-                    c_ptr, ldc = acc.ctypes.data + (za - slab.d0) * O * P * isz, P
+                c_ptr, ldc = _slab_ptr(acc, za - slab.d0, cl)
                 _gemm_out(
                     dtype, cl, P, (zb - za) * O, K2,
                     col.ctypes.data, ld,
@@ -978,7 +991,7 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
     acc = np.zeros((K, O) if o_rows else (O, K), dtype=dtype)
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _unfold(x, geom, slab)
-        buf = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
+        buf = _batch_buffer(slab, P, O, dtype, cl)
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
@@ -1017,10 +1030,7 @@ def _backward_weight_tap_rows(x, dy, geom: ConvGeometry, cl=False) -> np.ndarray
             _unfold_into(col, x, geom, slab, q, interleaved=True)
             # Fortran: dW''[r0:]^T (K2 x rows) += col_q (K2 x P) @ dy[z0:z1]^T (P x rows)
             # (the block of dy stored (P x rows); with cl (rows x P), rows dz*O apart)
-            if cl:
-                g_ptr, ldg = dys.data.ctypes.data + (z0 - slab.d0) * O * isz, slab.dz * O
-            else:
-                g_ptr, ldg = dys.data.ctypes.data + (z0 - slab.d0) * O * P * isz, P
+            g_ptr, ldg = _slab_ptr(dys.data, z0 - slab.d0, cl)
             gemm_f(
                 dtype, True, cl, K2, (z1 - z0) * O, P,
                 col.ctypes.data, ld,
@@ -1065,7 +1075,7 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None
     for slab in _slabs(geom, isz, rows=False):
         col, q0, P, ld = _column_buffer(geom, slab, dtype)
         col[...] = 0
-        buf = np.empty((P, O) if cl else (O, P), dtype=dtype) if slab.nb > 1 else None
+        buf = _batch_buffer(slab, P, O, dtype, cl)
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
