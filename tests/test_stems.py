@@ -38,6 +38,8 @@ STEMS = {
     # tap columns: C3D conv1a / U-Net enc1 style (3x3x3, stride 1, C = 3 / 1)
     "c3d-like": ((2, 3, 6, 17, 18), 16, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     "unet-like": ((1, 1, 9, 12, 11), 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
+    # tap columns with depth padding deeper than the kernel: planes that read nothing
+    "columns-pads-beyond-kernel": ((1, 3, 4, 10, 9), 5, (3, 3, 3), (1, 1, 1), ((4, 2), 1, 1), 1),
     # tap columns with depth stride and dilation (runs of one tap), in-plane stride 2
     "depth-strided": ((2, 3, 11, 15, 16), 4, (3, 7, 7), (2, 2, 2), (2, 3, 3), (2, 1, 1)),
 }
@@ -198,7 +200,9 @@ def test_channels_last_stems_are_native(name, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["NCDHW", "NDHWC"])
-@pytest.mark.parametrize("name", ["c3d-like", "unet-like", "depth-strided"])
+@pytest.mark.parametrize(
+    "name", ["c3d-like", "unet-like", "depth-strided", "columns-pads-beyond-kernel"]
+)
 def test_threaded_tap_columns_in_small_slabs(name, layout, monkeypatch):
     """Slabs of the threaded tap-columns forward and weight gradient one output plane
     deep (the smallest size that holds one; the weight gradient then fills all its

@@ -723,8 +723,12 @@ class _ItemSlabs:
 def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None, cl=False) -> None:
     """Tap columns in slabs of one item and a few output planes, each slab unfolded and
     multiplied by one thread with a single-threaded BLAS (no OpenBLAS thread left
-    spinning into the next unfolding), its GEMMs writing NCDHW directly and the bias
-    added to each plane after them, in cache. Against unfolding all of a slab's planes
+    spinning into the next unfolding), its GEMMs writing NCDHW directly. A bias is the
+    plane's starting value (its GEMMs then accumulate, ``beta = 1``): OpenBLAS clears
+    ``C`` in a pass of its own before a ``beta = 0`` GEMM, so the fill takes that pass's
+    place, where adding the bias after the GEMMs was one more (c3d_conv1a forward with
+    bias, interleaved fresh processes: 48-49 -> 43-44 ms; the fill takes the plane's
+    page faults on the thread that computes it). Against unfolding all of a slab's planes
     on both threads and then running multithreaded GEMMs: c3d_conv1a 49 -> 40 ms,
     unet3d_enc1 40 -> 32, strided_down_s2 98 -> 64 (0.1 s pauses between calls). Every
     output plane is one fixed sequence of GEMMs, whichever thread runs it."""
@@ -739,6 +743,9 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None, cl
             q0 = plan.unfold(slab, col)
             for z in range(slab.d0, slab.d1):
                 c_ptr, ldc = _plane_ptr(out, slab.n0, z, cl)
+                plane = _plane_major(out, slab, z, cl)
+                if column is not None:
+                    plane[...] = _channel_column(column, plane.ndim, cl)
                 runs = _runs(geom, z)
                 for i, (a0, a1, q) in enumerate(runs):
                     # y_z (+)= W'[:, a0:a1] (O x K) @ window (K x P)
@@ -747,13 +754,10 @@ def _forward_tap_columns_threaded(x, w, geom: ConvGeometry, out, column=None, cl
                         col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
                         wk.ctypes.data + a0 * K2 * isz, kd * K2,
                         c_ptr, ldc,
-                        1.0 if i else 0.0,
+                        1.0 if i or column is not None else 0.0,
                     )  # fmt: skip
-                plane = _plane_major(out, slab, z, cl)
-                if not runs:
+                if not runs and column is None:
                     plane[...] = 0
-                if column is not None:
-                    plane += _channel_column(column, plane.ndim, cl)
 
     with single_threaded_blas():
         run_tasks(work, _threads(interleaved=False))
