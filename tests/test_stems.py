@@ -40,6 +40,9 @@ STEMS = {
     "unet-like": ((1, 1, 9, 12, 11), 8, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1)),
     # tap columns with depth padding deeper than the kernel: planes that read nothing
     "columns-pads-beyond-kernel": ((1, 3, 4, 10, 9), 5, (3, 3, 3), (1, 1, 1), ((4, 2), 1, 1), 1),
+    # tap columns, depth dilation with padding past a tap: a later window reads lower
+    # input planes than an earlier one (the ring of planes must not retire them early)
+    "dilated-padded-depth": ((1, 2, 7, 9, 8), 4, (3, 3, 3), (1, 1, 1), (3, 1, 1), (2, 1, 1)),
     # tap columns with depth stride and dilation (runs of one tap), in-plane stride 2
     "depth-strided": ((2, 3, 11, 15, 16), 4, (3, 7, 7), (2, 2, 2), (2, 3, 3), (2, 1, 1)),
 }

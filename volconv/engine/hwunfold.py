@@ -34,7 +34,9 @@ always tap columns (measured, see the constants below):
 - tap rows: ``dW''[block] += dy[planes fed] @ col_q.T``, with ``dy`` copied plane-major
   a plane at a time;
 - tap columns: ``dW' += dy[:, z] @ window.T`` and ``window += W'.T @ dy[:, z]``
-  accumulated in plane order, then the in-plane col2im of every plane.
+  in plane order, the planes of the windows held in a ring of the depth taps' extent
+  (:class:`_PlaneRing`): an input plane is unfolded when the first output plane reads
+  it, and its in-plane col2im is added to ``dx`` when the last one has.
 
 *Channels-last* (``channels_last=True``, NDHWC arrays): the output side -- ``y``, and
 ``dy`` in the gradients -- is used as it lies, because every GEMM that touches it can take
@@ -163,10 +165,11 @@ def _max_batch(geom: ConvGeometry) -> int:
     return 1 if plane >= _BATCH_POSITIONS else -(-_BATCH_POSITIONS // plane)
 
 
-def _cost(geom: ConvGeometry, itemsize: int, rows: bool):
+def _cost(geom: ConvGeometry, itemsize: int, rows: bool, ring: bool = False):
     """Scratch bytes of a slab. Tap rows: one plane's unfolding and the slab's output or
-    ``dy`` plane-major. Tap columns: the unfolding of every input plane of the slab, and
-    for batched slabs one plane of output or ``dy`` gathered."""
+    ``dy`` plane-major. Tap columns: the unfolding of every input plane of the slab (with
+    ``ring``, of the depth taps' extent: :class:`_PlaneRing`), and for batched slabs one
+    plane of output or ``dy`` gathered."""
     kd, kh, kw = geom.kernel
     sd, dd = geom.stride[0], geom.dilation[0]
     _, Ho, Wo = geom.spatial_out
@@ -179,7 +182,10 @@ def _cost(geom: ConvGeometry, itemsize: int, rows: bool):
         if nb > nb_max:
             return 1 << 62
         P = nb * Ho * Wo
-        planes = 1 if rows else min(D, (dz - 1) * sd + (kd - 1) * dd + 1)
+        if rows:
+            planes = 1
+        else:
+            planes = min(D, (0 if ring else (dz - 1) * sd) + (kd - 1) * dd + 1)
         extra = geom.O * P * (dz if rows else (nb > 1))
         return itemsize * (planes * K2 * _leading_dim(P, itemsize) + extra + nb * numpy_block)
 
@@ -192,8 +198,8 @@ def _padded_plane(geom: ConvGeometry) -> int:
     return ((Ho - 1) * sh + (kh - 1) * dh + 1) * ((Wo - 1) * sw + (kw - 1) * dw + 1)
 
 
-def _slabs(geom: ConvGeometry, itemsize: int, rows: bool):
-    return plan_slabs(geom, _cost(geom, itemsize, rows), config.workspace_bytes)
+def _slabs(geom: ConvGeometry, itemsize: int, rows: bool, ring: bool = False):
+    return plan_slabs(geom, _cost(geom, itemsize, rows, ring), config.workspace_bytes)
 
 
 def _runs(geom: ConvGeometry, z: int):
@@ -536,6 +542,67 @@ def _fold(dx, col, geom: ConvGeometry, slab: Slab, q0: int, interleaved: bool):
             for e in range(kw):
                 view[:, b, e] += cols[:, b, e]
         scatter_block_add(dx, block, slab.n0, slab.n1, starts)
+
+
+class _PlaneRing:
+    """The unfoldings of a slab's input planes, the depth taps' extent ``R`` of them at a
+    time. Output planes are visited in order and their windows only move forward, so input
+    plane ``q`` is held in slot ``q % R`` from the first output plane that reads it until
+    the last one has: a slab needs ``R`` planes of scratch, not one per input plane it
+    reads (the I3D stem's 7x7x7 kernel: 7 planes of 1.8 MB instead of 16 per item). A run
+    of taps whose planes wrap past the last slot is two GEMMs (:meth:`pieces`).
+
+    ``enter(slot, q)`` fills a slot as plane ``q`` comes in, ``leave(slot, q)`` takes it
+    out when no later output plane reads it (``slot`` a ``(1, K2, ld)`` view); every plane
+    that enters leaves once, in plane order, by :meth:`finish` at the latest.
+    """
+
+    def __init__(self, geom: ConvGeometry, slab: Slab, dtype, enter, leave):
+        kd, dd = geom.kernel[0], geom.dilation[0]
+        q0, q1 = _plane_range(geom, slab.d0, slab.d1)
+        self.R = max(1, min(q1 - q0, (kd - 1) * dd + 1))
+        self.col, _, self.P, self.ld = _column_buffer(geom, slab, dtype, planes=self.R)
+        self.step = geom.C * geom.kernel[1] * geom.kernel[2] * self.ld * self.col.itemsize
+        self.enter, self.leave = enter, leave
+        self.sd, self.pad = geom.stride[0], geom.pads[0][0]
+        self.lo = self.hi = q0  # the live planes, [lo, hi)
+
+    def _slot(self, q: int) -> np.ndarray:
+        i = q % self.R
+        return self.col[i : i + 1]
+
+    def advance(self, z: int, runs) -> None:
+        """Make live the planes output plane ``z`` reads (its ``runs``, :func:`_runs`),
+        after retiring the live ones below its window: no later window reaches them. (Not
+        below its first plane read: with depth dilation and padding a later window can
+        read lower planes, e.g. a kernel of 3 dilated by 2 with 3 planes of padding: plane
+        0 reads input plane 1, plane 1 reads 0 and 2.)"""
+        start = z * self.sd - self.pad  # the window, padding included
+        last = runs[-1][2] + runs[-1][1] - runs[-1][0]  # one past the last plane read
+        while self.lo < min(self.hi, start):
+            self.leave(self._slot(self.lo), self.lo)
+            self.lo += 1
+        if self.hi < start:  # planes no window reads (a depth stride past the taps)
+            self.lo = self.hi = start
+        for q in range(self.hi, last):
+            self.enter(self._slot(q), q)
+        self.hi = max(self.hi, last)
+
+    def pieces(self, a0: int, a1: int, q: int):
+        """The run of taps ``a0:a1`` (planes ``q, q+1, ...``) as ``(a0, a1, pointer)``
+        pieces whose planes are consecutive slots."""
+        i = q % self.R
+        m = min(a1 - a0, self.R - i)
+        base = self.col.ctypes.data
+        yield a0, a0 + m, base + i * self.step
+        if m < a1 - a0:
+            yield a0 + m, a1, base
+
+    def finish(self) -> None:
+        """Retire every live plane."""
+        for q in range(self.lo, self.hi):
+            self.leave(self._slot(q), q)
+        self.lo = self.hi
 
 
 # --------------------------------------------------------------------- entry points
@@ -987,22 +1054,37 @@ def _backward_weight_tap_columns_threaded(x, dy, geom: ConvGeometry, cl=False) -
 
 
 def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndarray:
+    """``dW' += dy_z @ window.T`` per output plane, each input plane unfolded (on one
+    thread, between the GEMMs) as it enters a :class:`_PlaneRing`. Against unfolding all
+    of a slab's planes first on both threads: the I3D and R3D stems' weight-gradient
+    scratch 28.5 -> 12.6 and 28.4 -> 5.4 MiB, their backward pass the same time within
+    the noise (interleaved fresh processes, ms: i3d 180-208 against 183-208, R3D 185-239
+    against 178-181)."""
     O, isz, dtype = geom.O, x.itemsize, x.dtype
     kd, kh, kw = geom.kernel
     K2 = geom.C * kh * kw
     K = kd * K2
     o_rows = O <= K  # the operand with fewer rows goes second (see _blas.gemm_nt_acc)
     acc = np.zeros((K, O) if o_rows else (O, K), dtype=dtype)
-    for slab in _slabs(geom, isz, rows=False):
-        col, q0, P, ld = _unfold(x, geom, slab)
+
+    def leave(slot, q):
+        pass
+
+    for slab in _slabs(geom, isz, rows=False, ring=True):
+
+        def unfold(slot, q, slab=slab):
+            _unfold_into(slot, x, geom, slab, q, interleaved=True)
+
+        ring = _PlaneRing(geom, slab, dtype, unfold, leave)
+        P, ld = ring.P, ring.ld
         buf = _batch_buffer(slab, P, O, dtype, cl)
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
                 continue
+            ring.advance(z, runs)
             g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
-            for a0, a1, q in runs:
-                w_ptr = col.ctypes.data + (q - q0) * K2 * ld * isz
+            for a0, a1, w_ptr in (p for run in runs for p in ring.pieces(*run)):
                 kr = (a1 - a0) * K2
                 if o_rows:
                     # acc[a0*K2 : a1*K2] (kr x O) += window (kr x P) @ dy_z.T (P x O)
@@ -1012,7 +1094,7 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
                     # acc[:, a0*K2 : a1*K2] (O x kr) += dy_z (O x P) @ window.T (P x kr)
                     c_ptr = acc.ctypes.data + a0 * K2 * isz
                     gemm_f(dtype, True, cl, kr, O, P, w_ptr, ld, g_ptr, ldg, c_ptr, K, 1.0)
-        del col, buf  # free this slab's scratch before the next slab allocates its own
+        del ring, buf  # free this slab's scratch before the next slab allocates its own
     return acc.T if o_rows else acc
 
 
@@ -1070,31 +1152,43 @@ def backward_input(
 
 
 def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None:
-    """Per output plane: ``window += W'.T @ dy_z`` (accumulated in plane order), then
-    the in-plane col2im of the slab's planes."""
+    """Per output plane: ``window += W'.T @ dy_z`` (accumulated in plane order) into a
+    :class:`_PlaneRing` whose planes start at zero and are folded (the in-plane col2im)
+    into ``dx`` as soon as no later output plane reaches them. Against holding and
+    folding all of a slab's planes at the end: the I3D stem's dx peak 33.1 -> 17.5 MiB,
+    time the same."""
     O, isz, dtype = geom.O, dy.itemsize, dy.dtype
     kd, kh, kw = geom.kernel
     K2 = geom.C * kh * kw
     wk = _plane_weights(w, geom)
-    for slab in _slabs(geom, isz, rows=False):
-        col, q0, P, ld = _column_buffer(geom, slab, dtype)
-        col[...] = 0
+
+    def zero(slot, q):
+        slot[...] = 0
+
+    for slab in _slabs(geom, isz, rows=False, ring=True):
+        # Folds on one thread: right after the multithreaded GEMMs an OpenBLAS thread
+        # spins on the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms)
+        def fold(slot, q, slab=slab):
+            _fold(dx, slot, geom, slab, q, interleaved=True)
+
+        ring = _PlaneRing(geom, slab, dtype, zero, fold)
+        P, ld = ring.P, ring.ld
         buf = _batch_buffer(slab, P, O, dtype, cl)
         for z in range(slab.d0, slab.d1):
             runs = _runs(geom, z)
             if not runs:
                 continue
+            ring.advance(z, runs)
             g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
-            for a0, a1, q in runs:
-                # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
-                gemm_f(
-                    dtype, cl, True, P, (a1 - a0) * K2, O,
-                    g_ptr, ldg,
-                    wk.ctypes.data + a0 * K2 * isz, kd * K2,
-                    col.ctypes.data + (q - q0) * K2 * ld * isz, ld,
-                    1.0,
-                )  # fmt: skip
-        # On one thread: right after the multithreaded GEMMs an OpenBLAS thread spins on
-        # the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms; neutral on the stems)
-        _fold(dx, col, geom, slab, q0, interleaved=True)
-        del col, buf
+            for run in runs:
+                for a0, a1, c_ptr in ring.pieces(*run):
+                    # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
+                    gemm_f(
+                        dtype, cl, True, P, (a1 - a0) * K2, O,
+                        g_ptr, ldg,
+                        wk.ctypes.data + a0 * K2 * isz, kd * K2,
+                        c_ptr, ld,
+                        1.0,
+                    )  # fmt: skip
+        ring.finish()
+        del ring, buf
