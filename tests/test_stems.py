@@ -105,6 +105,29 @@ def test_stem_forward_and_gradients(name, dtype, cap, unfolding, workspace):
     assert abs(float((dw * w).sum(dtype=np.float64)) - inner) <= 1e-3 * abs(inner) + 1e-6
 
 
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "every-plane"])
+@pytest.mark.parametrize(
+    "name", ["i3d-like", "c3d-like", "unet-like", "depth-strided", "dilated-padded-depth"]
+)
+def test_gradients_hold_a_ring_of_planes(name, ring, monkeypatch):
+    """The tap-columns gradients with their input planes in a ring of the depth taps'
+    extent (a run that wraps is two GEMMs) and with a slot for every plane of the slab:
+    the reference gradients either way, and the ring holds the taps' extent."""
+    geom = _geometry(name)
+    monkeypatch.setattr(hwunfold, "RING_MIN_K", 0 if ring else 1 << 30)
+    x, w, dy = _data(geom, np.float64)
+    dx = hwunfold.backward_input(dy, w, geom)
+    dw = hwunfold.backward_weight(x, dy, geom)
+    np.testing.assert_allclose(dx, im2col.backward_input(dy, w, geom), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(dw, im2col.backward_weight(x, dy, geom), rtol=0, atol=1e-10)
+    slab = next(iter(hwunfold._slabs(geom, 8, rows=False, ring=ring)))
+    held = hwunfold._PlaneRing(geom, slab, np.float64, None, None).R
+    q0, q1 = hwunfold._plane_range(geom, slab.d0, slab.d1)
+    extent = (geom.kernel[0] - 1) * geom.dilation[0] + 1
+    assert held == (min(q1 - q0, extent) if ring else q1 - q0)
+    assert extent < q1 - q0  # (each case has more input planes than the taps reach)
+
+
 @pytest.mark.parametrize("name", ["i3d-like", "c3d-like"])
 def test_depth_slabs_give_the_same_forward(name, workspace):
     """Slabs only regroup the GEMMs (BLAS may then round differently, not more)."""

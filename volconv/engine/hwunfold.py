@@ -544,13 +544,28 @@ def _fold(dx, col, geom: ConvGeometry, slab: Slab, q0: int, interleaved: bool):
         scatter_block_add(dx, block, slab.n0, slab.n1, starts)
 
 
+#: Shortest in-plane reduction ``C*kh*kw`` whose planes the gradients hold in a ring of
+#: the depth taps' extent; shorter ones keep a slot for every plane of the slab (no run
+#: wraps). A wrapped run is two GEMMs of ``K2``-wide column blocks: with ``K2 = 9`` (the
+#: U-Net's 1-channel layer) those ran slowly, backward 85-99 ms against 70-82 without
+#: the ring (interleaved fresh processes); with 27 (C3D conv1a) 81-84 against 77-111.
+RING_MIN_K = 16
+
+
+def _ring(geom: ConvGeometry) -> bool:
+    """Whether :class:`_PlaneRing` holds the depth taps' extent (else every plane)."""
+    return geom.C * geom.kernel[1] * geom.kernel[2] >= RING_MIN_K
+
+
 class _PlaneRing:
     """The unfoldings of a slab's input planes, the depth taps' extent ``R`` of them at a
     time. Output planes are visited in order and their windows only move forward, so input
-    plane ``q`` is held in slot ``q % R`` from the first output plane that reads it until
+    plane ``q`` is held in slot ``(q - q0) % R`` from the first output plane that reads it until
     the last one has: a slab needs ``R`` planes of scratch, not one per input plane it
     reads (the I3D stem's 7x7x7 kernel: 7 planes of 1.8 MB instead of 16 per item). A run
-    of taps whose planes wrap past the last slot is two GEMMs (:meth:`pieces`).
+    of taps whose planes wrap past the last slot is two GEMMs (:meth:`pieces`). Where
+    :func:`_ring` is False ``R`` is all of the slab's planes (slot ``q - q0``): nothing
+    wraps, the planes still enter and leave one by one.
 
     ``enter(slot, q)`` fills a slot as plane ``q`` comes in, ``leave(slot, q)`` takes it
     out when no later output plane reads it (``slot`` a ``(1, K2, ld)`` view); every plane
@@ -560,7 +575,8 @@ class _PlaneRing:
     def __init__(self, geom: ConvGeometry, slab: Slab, dtype, enter, leave):
         kd, dd = geom.kernel[0], geom.dilation[0]
         q0, q1 = _plane_range(geom, slab.d0, slab.d1)
-        self.R = max(1, min(q1 - q0, (kd - 1) * dd + 1))
+        self.q0 = q0
+        self.R = max(1, min(q1 - q0, (kd - 1) * dd + 1) if _ring(geom) else q1 - q0)
         self.col, _, self.P, self.ld = _column_buffer(geom, slab, dtype, planes=self.R)
         self.step = geom.C * geom.kernel[1] * geom.kernel[2] * self.ld * self.col.itemsize
         self.enter, self.leave = enter, leave
@@ -568,7 +584,7 @@ class _PlaneRing:
         self.lo = self.hi = q0  # the live planes, [lo, hi)
 
     def _slot(self, q: int) -> np.ndarray:
-        i = q % self.R
+        i = (q - self.q0) % self.R
         return self.col[i : i + 1]
 
     def advance(self, z: int, runs) -> None:
@@ -591,7 +607,7 @@ class _PlaneRing:
     def pieces(self, a0: int, a1: int, q: int):
         """The run of taps ``a0:a1`` (planes ``q, q+1, ...``) as ``(a0, a1, pointer)``
         pieces whose planes are consecutive slots."""
-        i = q % self.R
+        i = (q - self.q0) % self.R
         m = min(a1 - a0, self.R - i)
         base = self.col.ctypes.data
         yield a0, a0 + m, base + i * self.step
@@ -1070,7 +1086,7 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
     def leave(slot, q):
         pass
 
-    for slab in _slabs(geom, isz, rows=False, ring=True):
+    for slab in _slabs(geom, isz, rows=False, ring=_ring(geom)):
 
         def unfold(slot, q, slab=slab):
             _unfold_into(slot, x, geom, slab, q, interleaved=True)
@@ -1165,7 +1181,7 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None
     def zero(slot, q):
         slot[...] = 0
 
-    for slab in _slabs(geom, isz, rows=False, ring=True):
+    for slab in _slabs(geom, isz, rows=False, ring=_ring(geom)):
         # Folds on one thread: right after the multithreaded GEMMs an OpenBLAS thread
         # spins on the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms)
         def fold(slot, q, slab=slab):
