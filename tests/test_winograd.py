@@ -783,6 +783,25 @@ def test_one_block_of_chunks_before_slabs(algorithm, workspace):
         assert plan.whole and len(plan.slabs) > 1
 
 
+def test_weight_gradient_slabs_keep_tall_blocks(algorithm, workspace):
+    """Under a 24 MiB cap C3D conv3a's weight gradient takes more, thinner slabs of depth
+    points than its forward, for blocks of WEIGHT_SLAB_MIN_TILES tiles (its GEMMs reduce
+    over a block's tiles); the tiny layer of test_slabs_under_a_tight_cap, whose every
+    slab is too small for them, still gets slabs."""
+    algorithm(None)
+    workspace(24 << 20)
+    c3d_conv3a = _geometry((2, 128, 8, 28, 28), 256, (1, 1, 1))
+    forward = winograd._plan(c3d_conv3a, 4, 2, "forward")
+    weight = winograd._plan(c3d_conv3a, 4, 2, "weight")
+    assert forward.whole and weight.whole and weight.pz < forward.pz < 6
+    assert weight.rb * weight.grid[2] >= winograd.WEIGHT_SLAB_MIN_TILES
+    assert forward.rb * forward.grid[2] < winograd.WEIGHT_SLAB_MIN_TILES
+    workspace(4 << 20)
+    small = _geometry((1, 64, 16, 16, 16), 128, (1, 1, 1))
+    plan = winograd._plan(small, 4, 2, "weight")
+    assert plan.whole and plan.pz < 6 and plan.rb * plan.grid[2] < winograd.WEIGHT_SLAB_MIN_TILES
+
+
 def test_r2plus1d_block_in_channels_last_is_never_transposed(algorithm, monkeypatch, rng):
     """An R(2+1)D block in NDHWC, spatial 1x3x3 (Winograd) then temporal 3x1x1
     (pointwise depth taps), forward and backward through both layers, without one

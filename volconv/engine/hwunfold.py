@@ -560,9 +560,9 @@ def _ring(geom: ConvGeometry) -> bool:
 class _PlaneRing:
     """The unfoldings of a slab's input planes, the depth taps' extent ``R`` of them at a
     time. Output planes are visited in order and their windows only move forward, so input
-    plane ``q`` is held in slot ``(q - q0) % R`` from the first output plane that reads it until
-    the last one has: a slab needs ``R`` planes of scratch, not one per input plane it
-    reads (the I3D stem's 7x7x7 kernel: 7 planes of 1.8 MB instead of 16 per item). A run
+    plane ``q`` is held in slot ``(q - q0) % R`` from the first output plane that reads
+    it until the last one has: a slab needs ``R`` planes of scratch, not one per input
+    plane it reads (the I3D stem's 7x7x7 kernel: 7 planes of 1.8 MB, not 16 per item). A run
     of taps whose planes wrap past the last slot is two GEMMs (:meth:`pieces`). Where
     :func:`_ring` is False ``R`` is all of the slab's planes (slot ``q - q0``): nothing
     wraps, the planes still enter and leave one by one.

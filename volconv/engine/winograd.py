@@ -108,7 +108,8 @@ the weight for F(4x4x4, 3x3x3) (27 MiB at 128 -> 256 channels) and is held whole
 computed once per call, when it takes at most half the cap. A larger one goes, first
 choice, in *slabs of depth points*: the transformed positions ``p = (iz, iy, ix)`` with
 ``a0 <= iz < a0 + pz``, as few slabs as let one slab's ``U`` take at most
-``SLAB_SHARE`` of the cap and leave room for blocks of ``SLAB_MIN_TILES`` tiles. Each
+``SLAB_SHARE`` of the cap and leave room for blocks of ``SLAB_MIN_TILES`` tiles
+(``WEIGHT_SLAB_MIN_TILES`` in the weight gradient, whose GEMMs reduce over them). Each
 slab's ``U`` is computed once and meets every block; each block's input is gathered and
 transformed again for every slab (only the slab's points go through H and W), and the
 output transform adds the slab's share to ``y`` (A^T along D is a sum over the depth
@@ -232,6 +233,14 @@ MIN_BLOCK_TILES = 64
 #: blocks of SLAB_MIN_TILES tiles (see "Memory").
 SLAB_SHARE = 0.6
 SLAB_MIN_TILES = 32
+#: The weight gradient's slabs leave room for blocks of this many tiles: its GEMMs reduce
+#: over a block's tiles and read and write the slab's ``Mw`` once per block, so fewer,
+#: taller blocks beat fewer slabs. C3D conv3a's weight gradient (3 rounds in one process,
+#: ms, 32 tiles against 64): under a 24 MiB cap 88-97 against 78-96 (3 slabs of 35-tile
+#: blocks against 2 slabs of 84), under 32 MiB 74-89 against 60-71; the U-Net 16^3
+#: level under 32 MiB 58-63 against 46-58, under 24 MiB the same. (The default cap holds
+#: both layers' ``Mw`` whole.)
+WEIGHT_SLAB_MIN_TILES = 64
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
 #: Tests may turn the slabs of depth points off (to reach the chunked plans).
@@ -565,17 +574,22 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
 
     # The transformed weight whole. Else in chunks of output channels where one block
     # takes every tile (each chunk is computed once: nothing is done twice); else whole
-    # per slab of depth points, as few slabs as fit with blocks of SLAB_MIN_TILES (see
-    # "Memory"); else in chunks computed again for every block.
+    # per slab of depth points, as few slabs as fit with blocks of SLAB_MIN_TILES (the
+    # weight gradient: of WEIGHT_SLAB_MIN_TILES where any slab allows them; see "Memory");
+    # else in chunks computed again for every block.
     pz, ob, rb = ad, Op, 0
     if P * Cp * Op * itemsize <= share:
         rb = whole_rows(ad)
     else:
         ob, rb = chunked()
-        least = min(rows, _ceil(SLAB_MIN_TILES, TW))
-        for slab in range(ad - 1, 0, -1) if SLABS and rb < rows else ():
-            fits = slab * ah * aw * Cp * Op * itemsize <= cap * SLAB_SHARE
-            if fits and whole_rows(slab) >= least:
+        # the weight gradient asks for taller blocks first, then settles for shorter ones
+        tiers = (WEIGHT_SLAB_MIN_TILES, SLAB_MIN_TILES) if kind == "weight" else ()
+        for fewest in (tiers or (SLAB_MIN_TILES,)) if SLABS and rb < rows else ():
+            least = min(rows, _ceil(fewest, TW))
+            slabs = range(ad - 1, 0, -1)
+            fit = [z for z in slabs if z * ah * aw * Cp * Op * itemsize <= cap * SLAB_SHARE]
+            slab = next((z for z in fit if whole_rows(z) >= least), 0)
+            if slab:
                 pz, ob, rb = slab, Op, whole_rows(slab)
                 break
     if rb < 1 or total(ob, rb, pz) > cap:
