@@ -575,7 +575,7 @@ class _PlaneRing:
     def __init__(self, geom: ConvGeometry, slab: Slab, dtype, enter, leave):
         kd, dd = geom.kernel[0], geom.dilation[0]
         q0, q1 = _plane_range(geom, slab.d0, slab.d1)
-        self.q0 = q0
+        self.geom, self.slab, self.q0 = geom, slab, q0
         self.R = max(1, min(q1 - q0, (kd - 1) * dd + 1) if _ring(geom) else q1 - q0)
         self.col, _, self.P, self.ld = _column_buffer(geom, slab, dtype, planes=self.R)
         self.step = geom.C * geom.kernel[1] * geom.kernel[2] * self.ld * self.col.itemsize
@@ -619,6 +619,21 @@ class _PlaneRing:
         for q in range(self.lo, self.hi):
             self.leave(self._slot(q), q)
         self.lo = self.hi
+
+    def windows(self, dy: np.ndarray, cl: bool):
+        """The gradients' walk over the slab: for each output plane that reads an input
+        plane, in order, ``(g_ptr, ldg, pieces)`` -- its ``dy`` plane (:func:`_dy_plane`)
+        and its runs of taps as :meth:`pieces`, the planes they read live -- and then
+        every plane retired."""
+        geom, slab = self.geom, self.slab
+        buf = _batch_buffer(slab, self.P, geom.O, dy.dtype, cl)
+        for z in range(slab.d0, slab.d1):
+            runs = _runs(geom, z)
+            if runs:
+                self.advance(z, runs)
+                g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)
+                yield g_ptr, ldg, [p for run in runs for p in self.pieces(*run)]
+        self.finish()
 
 
 # --------------------------------------------------------------------- entry points
@@ -1093,14 +1108,9 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
 
         ring = _PlaneRing(geom, slab, dtype, unfold, leave)
         P, ld = ring.P, ring.ld
-        buf = _batch_buffer(slab, P, O, dtype, cl)
-        for z in range(slab.d0, slab.d1):
-            runs = _runs(geom, z)
-            if not runs:
-                continue
-            ring.advance(z, runs)
-            g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
-            for a0, a1, w_ptr in (p for run in runs for p in ring.pieces(*run)):
+        # dy_z: Fortran (P x O), (O x P) with cl
+        for g_ptr, ldg, pieces in ring.windows(dy, cl):
+            for a0, a1, w_ptr in pieces:
                 kr = (a1 - a0) * K2
                 if o_rows:
                     # acc[a0*K2 : a1*K2] (kr x O) += window (kr x P) @ dy_z.T (P x O)
@@ -1110,7 +1120,7 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
                     # acc[:, a0*K2 : a1*K2] (O x kr) += dy_z (O x P) @ window.T (P x kr)
                     c_ptr = acc.ctypes.data + a0 * K2 * isz
                     gemm_f(dtype, True, cl, kr, O, P, w_ptr, ld, g_ptr, ldg, c_ptr, K, 1.0)
-        del ring, buf  # free this slab's scratch before the next slab allocates its own
+        del ring  # free this slab's scratch before the next slab allocates its own
     return acc.T if o_rows else acc
 
 
@@ -1189,22 +1199,15 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None
 
         ring = _PlaneRing(geom, slab, dtype, zero, fold)
         P, ld = ring.P, ring.ld
-        buf = _batch_buffer(slab, P, O, dtype, cl)
-        for z in range(slab.d0, slab.d1):
-            runs = _runs(geom, z)
-            if not runs:
-                continue
-            ring.advance(z, runs)
-            g_ptr, ldg = _dy_plane(dy, slab, z, buf, cl)  # Fortran (P x O), (O x P) with cl
-            for run in runs:
-                for a0, a1, c_ptr in ring.pieces(*run):
-                    # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
-                    gemm_f(
-                        dtype, cl, True, P, (a1 - a0) * K2, O,
-                        g_ptr, ldg,
-                        wk.ctypes.data + a0 * K2 * isz, kd * K2,
-                        c_ptr, ld,
-                        1.0,
-                    )  # fmt: skip
-        ring.finish()
-        del ring, buf
+        # dy_z: Fortran (P x O), (O x P) with cl
+        for g_ptr, ldg, pieces in ring.windows(dy, cl):
+            for a0, a1, c_ptr in pieces:
+                # Fortran: window^T (P x kr) += dy_z^T (P x O) @ W'[:, a0:a1] (O x kr)
+                gemm_f(
+                    dtype, cl, True, P, (a1 - a0) * K2, O,
+                    g_ptr, ldg,
+                    wk.ctypes.data + a0 * K2 * isz, kd * K2,
+                    c_ptr, ld,
+                    1.0,
+                )  # fmt: skip
+        del ring
