@@ -62,6 +62,7 @@ def test_quick_no_torch_writes_json_and_markdown(tmp_path, tiny_suite, capsys):
     assert (
         result["rounds"] == 1 and "round_medians_s" not in result["layers"][0]["volconv"]["forward"]
     )
+    assert "Every round" not in md
     assert result["machine"]["sgemm"]["gflops"] > 0
     assert [r["name"] for r in result["layers"]] == ["tiny_dense"]
     for record in result["layers"]:
@@ -147,6 +148,11 @@ def test_rounds_alternate_the_libraries_and_report_the_median(tmp_path, tiny_sui
             rec = result["layers"][0][lib][phase]
             assert len(rec["round_medians_s"]) == 3
             assert rec["median_s"] == sorted(rec["round_medians_s"])[1]
+    # the report lists every round's median: ms, " / "-separated, in round order
+    row = [line for line in md.splitlines() if line.startswith("| tiny_dense | ")][-1]
+    fwd = result["layers"][0]["volconv"]["forward"]["round_medians_s"]
+    assert "## Every round's median" in md
+    assert row.split(" | ")[1] == " / ".join(f"{1e3 * t:.0f}" for t in fwd)
 
 
 def test_rounds_below_one_is_a_usage_error(tiny_suite, capsys):

@@ -168,6 +168,31 @@ def _rounds(result: dict[str, Any]) -> str:
     return f", median round of {rounds} (volconv and torch alternating)" if rounds > 1 else ""
 
 
+_SHORT = {"forward": "fwd", "backward": "bwd"}
+
+
+def round_table(result: dict[str, Any]) -> list[str]:
+    """Every round's median per layer, library and phase (ms; volconv and torch side by
+    side), as markdown lines; none for a one-round run."""
+    if result.get("rounds", 1) <= 1:
+        return []
+    sides = [("volconv", "forward"), ("torch", "forward"), ("volconv", "backward")]
+    sides.append(("torch", "backward"))
+    lines = [
+        "## Every round's median (ms; the table above reports each phase's median round)",
+        "",
+        "| layer | " + " | ".join(f"{lib} {_SHORT[phase]}" for lib, phase in sides) + " |",
+        "|---" * (len(sides) + 1) + "|",
+    ]
+    for layer in result.get("layers", []):
+        cells = []
+        for lib, phase in sides:
+            medians = ((layer.get(lib) or {}).get(phase) or {}).get("round_medians_s") or []
+            cells.append(" / ".join(f"{1e3 * t:.0f}" for t in medians) or "n/a")
+        lines.append(f"| {layer['name']} | " + " | ".join(cells) + " |")
+    return ["", *lines]
+
+
 def _cap(result: dict[str, Any]) -> str:
     """The run's workspace cap, in MiB (the library default when not set)."""
     cap = result.get("workspace_bytes")
@@ -226,4 +251,5 @@ def markdown_report(result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "warm-up (inputs allocated, fresh process); rel.err = max |volconv - torch| / "
         "max |torch| over y, dx, dw, db samples."
     )
+    lines.extend(round_table(result))
     return "\n".join(lines) + "\n"
