@@ -234,12 +234,12 @@ MIN_BLOCK_TILES = 64
 SLAB_SHARE = 0.6
 SLAB_MIN_TILES = 32
 #: The weight gradient's slabs leave room for blocks of this many tiles: its GEMMs reduce
-#: over a block's tiles and read and write the slab's ``Mw`` once per block, so fewer,
-#: taller blocks beat fewer slabs. C3D conv3a's weight gradient (3 rounds in one process,
-#: ms, 32 tiles against 64): under a 24 MiB cap 88-97 against 78-96 (3 slabs of 35-tile
-#: blocks against 2 slabs of 84), under 32 MiB 74-89 against 60-71; the U-Net 16^3
-#: level under 32 MiB 58-63 against 46-58, under 24 MiB the same. (The default cap holds
-#: both layers' ``Mw`` whole.)
+#: over a block's tiles and read and write the slab's ``Mw`` once per block, so more
+#: slabs of taller blocks beat fewer slabs of shorter ones. C3D conv3a's weight gradient
+#: (3 rounds in one process, ms, 32 tiles against 64): under a 24 MiB cap 88-97 against
+#: 78-96 (2 slabs of 35-tile blocks against 3 of 84), under 32 MiB 74-89 against 60-71;
+#: the U-Net 16^3 level under 32 MiB 58-63 against 46-58, under 24 MiB the same. (The
+#: default cap holds both layers' ``Mw`` whole.)
 WEIGHT_SLAB_MIN_TILES = 64
 #: Tests may force one tile size (2 or 4) on every axis; None picks per axis.
 FORCE_TILE: int | None = None
@@ -583,11 +583,11 @@ def _plan(geom: ConvGeometry, itemsize: int, threads: int, kind: str = "forward"
     else:
         ob, rb = chunked()
         # the weight gradient asks for taller blocks first, then settles for shorter ones
-        tiers = (WEIGHT_SLAB_MIN_TILES, SLAB_MIN_TILES) if kind == "weight" else ()
-        for fewest in (tiers or (SLAB_MIN_TILES,)) if SLABS and rb < rows else ():
+        tiers = (WEIGHT_SLAB_MIN_TILES,) if kind == "weight" else ()
+        slabs = range(ad - 1, 0, -1)  # depth points per slab, fewest slabs first
+        fit = [z for z in slabs if z * ah * aw * Cp * Op * itemsize <= cap * SLAB_SHARE]
+        for fewest in (*tiers, SLAB_MIN_TILES) if SLABS and rb < rows else ():
             least = min(rows, _ceil(fewest, TW))
-            slabs = range(ad - 1, 0, -1)
-            fit = [z for z in slabs if z * ah * aw * Cp * Op * itemsize <= cap * SLAB_SHARE]
             slab = next((z for z in fit if whole_rows(z) >= least), 0)
             if slab:
                 pz, ob, rb = slab, Op, whole_rows(slab)
