@@ -120,8 +120,8 @@ def test_gradients_hold_a_ring_of_planes(name, ring, monkeypatch):
     dw = hwunfold.backward_weight(x, dy, geom)
     np.testing.assert_allclose(dx, im2col.backward_input(dy, w, geom), rtol=0, atol=1e-10)
     np.testing.assert_allclose(dw, im2col.backward_weight(x, dy, geom), rtol=0, atol=1e-10)
-    slab = next(iter(hwunfold._slabs(geom, 8, rows=False, ring=ring)))
-    held = hwunfold._PlaneRing(geom, slab, np.float64, None, None).R
+    first = next(hwunfold._PlaneRing.plan(geom, np.float64, None))
+    slab, held = first.slab, first.R
     q0, q1 = hwunfold._plane_range(geom, slab.d0, slab.d1)
     extent = (geom.kernel[0] - 1) * geom.dilation[0] + 1
     assert held == (min(q1 - q0, extent) if ring else q1 - q0)

@@ -567,10 +567,18 @@ class _PlaneRing:
     :func:`_ring` is False ``R`` is all of the slab's planes (slot ``q - q0``): nothing
     wraps, the planes still enter and leave one by one.
 
-    ``enter(slot, q)`` fills a slot as plane ``q`` comes in, ``leave(slot, q)`` takes it
-    out when no later output plane reads it (``slot`` a ``(1, K2, ld)`` view); every plane
-    that enters leaves once, in plane order, by :meth:`finish` at the latest.
+    ``enter(slab, slot, q)`` fills a slot as plane ``q`` comes in, ``leave(slab, slot,
+    q)`` (if given) takes it out when no later output plane reads it (``slot`` a ``(1, K2,
+    ld)`` view); every plane that enters leaves once, in plane order, by :meth:`finish` at
+    the latest. :meth:`plan` gives a ring per slab of the gradients' plan.
     """
+
+    @classmethod
+    def plan(cls, geom: ConvGeometry, dtype, enter, leave=None):
+        """A ring for each slab of the gradients' plan (whose cost counts the ring's
+        planes, :func:`_ring`), each made when the previous one is done with."""
+        for slab in _slabs(geom, np.dtype(dtype).itemsize, rows=False, ring=_ring(geom)):
+            yield cls(geom, slab, dtype, enter, leave)
 
     def __init__(self, geom: ConvGeometry, slab: Slab, dtype, enter, leave):
         kd, dd = geom.kernel[0], geom.dilation[0]
@@ -582,6 +590,10 @@ class _PlaneRing:
         self.enter, self.leave = enter, leave
         self.sd, self.pad = geom.stride[0], geom.pads[0][0]
         self.lo = self.hi = q0  # the live planes, [lo, hi)
+
+    def _leave(self, q: int) -> None:
+        if self.leave is not None:
+            self.leave(self.slab, self._slot(q), q)
 
     def _slot(self, q: int) -> np.ndarray:
         i = (q - self.q0) % self.R
@@ -596,12 +608,12 @@ class _PlaneRing:
         start = z * self.sd - self.pad  # the window, padding included
         last = runs[-1][2] + runs[-1][1] - runs[-1][0]  # one past the last plane read
         while self.lo < min(self.hi, start):
-            self.leave(self._slot(self.lo), self.lo)
+            self._leave(self.lo)
             self.lo += 1
         if self.hi < start:  # planes no window reads (a depth stride past the taps)
             self.lo = self.hi = start
         for q in range(self.hi, last):
-            self.enter(self._slot(q), q)
+            self.enter(self.slab, self._slot(q), q)
         self.hi = max(self.hi, last)
 
     def pieces(self, a0: int, a1: int, q: int):
@@ -617,7 +629,7 @@ class _PlaneRing:
     def finish(self) -> None:
         """Retire every live plane."""
         for q in range(self.lo, self.hi):
-            self.leave(self._slot(q), q)
+            self._leave(q)
         self.lo = self.hi
 
     def windows(self, dy: np.ndarray, cl: bool):
@@ -1098,15 +1110,10 @@ def _backward_weight_tap_columns(x, dy, geom: ConvGeometry, cl=False) -> np.ndar
     o_rows = O <= K  # the operand with fewer rows goes second (see _blas.gemm_nt_acc)
     acc = np.zeros((K, O) if o_rows else (O, K), dtype=dtype)
 
-    def leave(slot, q):
-        pass
+    def unfold(slab, slot, q):
+        _unfold_into(slot, x, geom, slab, q, interleaved=True)
 
-    for slab in _slabs(geom, isz, rows=False, ring=_ring(geom)):
-
-        def unfold(slot, q, slab=slab):
-            _unfold_into(slot, x, geom, slab, q, interleaved=True)
-
-        ring = _PlaneRing(geom, slab, dtype, unfold, leave)
+    for ring in _PlaneRing.plan(geom, dtype, unfold):
         P, ld = ring.P, ring.ld
         # dy_z: Fortran (P x O), (O x P) with cl
         for g_ptr, ldg, pieces in ring.windows(dy, cl):
@@ -1188,16 +1195,15 @@ def _backward_input_tap_columns(dy, w, geom: ConvGeometry, dx, cl=False) -> None
     K2 = geom.C * kh * kw
     wk = _plane_weights(w, geom)
 
-    def zero(slot, q):
+    def zero(slab, slot, q):
         slot[...] = 0
 
-    for slab in _slabs(geom, isz, rows=False, ring=_ring(geom)):
-        # Folds on one thread: right after the multithreaded GEMMs an OpenBLAS thread
-        # spins on the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms)
-        def fold(slot, q, slab=slab):
-            _fold(dx, slot, geom, slab, q, interleaved=True)
+    # Folds on one thread: right after the multithreaded GEMMs an OpenBLAS thread spins
+    # on the other core (c3d_conv5a dw + dx 133-137 -> 124-128 ms)
+    def fold(slab, slot, q):
+        _fold(dx, slot, geom, slab, q, interleaved=True)
 
-        ring = _PlaneRing(geom, slab, dtype, zero, fold)
+    for ring in _PlaneRing.plan(geom, dtype, zero, fold):
         P, ld = ring.P, ring.ld
         # dy_z: Fortran (P x O), (O x P) with cl
         for g_ptr, ldg, pieces in ring.windows(dy, cl):
