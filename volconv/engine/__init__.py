@@ -10,30 +10,35 @@ form ``(G, Og, Cg, kd, kh, kw)`` and a validated :class:`ConvGeometry`:
 
 Which algorithm computes each is decided in :func:`choose` (one place to look):
 
-==============  =================================================================
-name            used for
-==============  =================================================================
-``depthwise``   grouped layers with <= 16 channels per group (depthwise first of
-                all), with numba: direct loops, both gradients too
-``winograd``    dense 3x3x3 and in-plane 1x3x3 stride-1 layers with enough channels,
-                dilated too, with numba: F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2, no
-                transform on a 1-tap axis); the weight gradient too where
-                ``winograd.prefer_weight`` (else the GEMM family)
-``fft``         dense stride-1 layers with large kernels (5^3, 7^3) on volumes
-                several times their extent, with numba: overlap-save blocks; the
-                weight gradient only where ``fft.prefer(kind="weight")``
-``hwunfold``    other dense layers whose in-plane unfolding gives BLAS a long
-                enough reduction (first layers, stems, tiny planes, depth-strided
-                layers): H and W unfolded plane by plane, the depth taps stacked
-                into the GEMMs; with numba its slabs run whole on the engine's
-                threads (unfold + single-threaded GEMMs)
-``tapgemm``     dense (groups=1) stride-1 layers with enough channels: one BLAS
-                GEMM per kernel tap on a shifted window, no unfolding
-``pointwise``   1x1x1 kernels without padding and depth-only (kd, 1, 1) kernels
-                without in-plane padding: GEMMs straight on x and y
-``im2col``      everything else: unfolded slabs under the workspace cap, groups
-                as a batched-matmul axis; col2im for strided input gradients
-==============  =================================================================
+=================  =================================================================
+name               used for
+=================  =================================================================
+``depthwise``      grouped layers with <= 16 channels per group (depthwise first of
+                   all), with numba: direct loops, both gradients too
+``winograd``       dense 3x3x3 and in-plane 1x3x3 stride-1 layers with enough channels,
+                   dilated too, with numba: F(4x4x4, 3x3x3) tiles (F(2) on axes of extent <= 2, no
+                   transform on a 1-tap axis); the weight gradient too where
+                   ``winograd.prefer_weight`` (else the GEMM family)
+``fft``            dense stride-1 layers with large kernels (5^3, 7^3) on volumes
+                   several times their extent, with numba: overlap-save blocks; the
+                   weight gradient only where ``fft.prefer(kind="weight")``
+``depthwinograd``  stems (few input channels, large in-plane kernels, depth stride 1;
+                   the planes too large to batch items), with numba: F(4, r) Winograd
+                   along depth over the in-plane unfolding (7 depth taps in 13 plane
+                   products per 4 output planes, not 28); forward only, its gradients
+                   are the GEMM family's
+``hwunfold``       other dense layers whose in-plane unfolding gives BLAS a long
+                   enough reduction (first layers, the stems' gradients, tiny planes, depth-strided
+                   layers): H and W unfolded plane by plane, the depth taps stacked
+                   into the GEMMs; with numba its slabs run whole on the engine's
+                   threads (unfold + single-threaded GEMMs)
+``tapgemm``        dense (groups=1) stride-1 layers with enough channels: one BLAS
+                   GEMM per kernel tap on a shifted window, no unfolding
+``pointwise``      1x1x1 kernels without padding and depth-only (kd, 1, 1) kernels
+                   without in-plane padding: GEMMs straight on x and y
+``im2col``         everything else: unfolded slabs under the workspace cap, groups
+                   as a batched-matmul axis; col2im for strided input gradients
+=================  =================================================================
 
 The input gradient has one algorithm of its own, ``polyphase`` (``polyphase.prefer``):
 a strided dense layer's ``dx`` phase by phase, each phase a stride-1 correlation of
@@ -58,6 +63,7 @@ from .. import config
 from . import (
     _autotune,
     _blas,
+    depthwinograd,
     depthwise,
     fft,
     hwunfold,
@@ -80,6 +86,7 @@ ALGORITHMS = {
     winograd.NAME: winograd,
     pointwise.NAME: pointwise,
     fft.NAME: fft,
+    depthwinograd.NAME: depthwinograd,
 }
 
 __all__ = [
@@ -157,6 +164,10 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
     # Large kernels (5x5x5, 7x7x7) on volumes several times their extent.
     if fft.prefer(geom, dtype):
         return fft.NAME
+    # Stems (few input channels, large in-plane kernels, depth stride 1): Winograd along
+    # depth over the in-plane unfolding, 2x (3 taps) / 2.15x (7 taps) fewer plane products.
+    if depthwinograd.prefer(geom, dtype):
+        return depthwinograd.NAME
     return _preferred_gemm(geom)
 
 
@@ -301,6 +312,13 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
         return gradient(dy, w, geom)
 
 
+def _gradient_pick(name: str, geom: ConvGeometry) -> str:
+    """The algorithm whose gradients go with forward pick ``name``: the depth-Winograd
+    forward has none of its own, its gradients are the GEMM family's (the in-plane
+    unfolding's for stems, ``pointwise``'s for depth-only kernels)."""
+    return _preferred_gemm(geom) if name == depthwinograd.NAME else name
+
+
 #: Routes of :func:`_input_gradient_route` besides an algorithm's name.
 _ADJOINT, _AUTOTUNE = "forward of the adjoint", "autotune"
 
@@ -332,7 +350,7 @@ def _input_gradient_route(geom: ConvGeometry, dtype) -> tuple[str, bool]:
             return _ADJOINT, False
     if _autotune.active():
         return _AUTOTUNE, False
-    name = choose(geom, dtype)
+    name = _gradient_pick(choose(geom, dtype), geom)
     # Strided dense layers (whose forward is a GEMM-family pick) with 16+ channels: phase
     # by phase, no col2im (strided_down_s2 83 vs 115 ms for the in-plane unfolding's
     # col2im; 32 -> 64 channels on 64^3, 40 vs 59; a 1x1x1 stride-2 shortcut 10 vs 19).
@@ -369,7 +387,7 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
 def _weight_gradient_algorithm(geom: ConvGeometry, dtype) -> str:
     """The algorithm whose ``backward_weight`` :func:`conv3d_backward_weight` calls (not
     autotuned)."""
-    name = choose(geom, dtype)
+    name = _gradient_pick(choose(geom, dtype), geom)
     # The weight gradient's best GEMM differs from the forward's: the in-plane unfolding
     # won on every dense suite layer where it fits (vnet 276 vs 414 ms for per-tap GEMM,
     # c3d_conv3a 95 vs 137, dilated_d2 162 vs 241).
@@ -395,7 +413,7 @@ def _native_layout(geom: ConvGeometry, dtype) -> str | None:
     """The algorithm that computes this layer's NDHWC form as it is, or None."""
     if config.algorithm in (None, pointwise.NAME) and pointwise.channels_last(geom):
         return pointwise.NAME
-    forced = (None, winograd.NAME, depthwise.NAME, hwunfold.NAME)
+    forced = (None, winograd.NAME, depthwise.NAME, hwunfold.NAME, depthwinograd.NAME)
     if config.algorithm in forced and not _autotune.active():
         name = choose(geom, np.dtype(dtype))
         if name == winograd.NAME:
@@ -406,8 +424,11 @@ def _native_layout(geom: ConvGeometry, dtype) -> str | None:
         # the forward and for the weight gradient, which only pays where dy is not
         # transposed as well (strided_down_s2, whose dx is polyphase's and dw im2col's:
         # training step 338-380 ms against 331-342 through NCDHW).
-        if name == hwunfold.NAME and _input_gradient_route(geom, dtype)[0] == name:
-            if _weight_gradient_algorithm(geom, dtype) == name:
+        # (The depth-Winograd forward writes NDHWC as it lies too; its gradients are the
+        # unfolding's.)
+        unfolding = _gradient_pick(name, geom)
+        if unfolding == hwunfold.NAME and _input_gradient_route(geom, dtype)[0] == unfolding:
+            if _weight_gradient_algorithm(geom, dtype) == unfolding:
                 return name
     return None
 
@@ -454,6 +475,10 @@ def ndhwc_forward(
         return depthwise.forward_channels_last(x, w, geom, bias)
     if native == hwunfold.NAME:
         return hwunfold.forward(x, w, geom, bias=bias, channels_last=True)
+    if native == depthwinograd.NAME:
+        finite = _all_finite(x) and _all_finite(w)
+        algorithm = depthwinograd if finite else hwunfold  # (FINITE_ONLY)
+        return algorithm.forward(x, w, geom, bias=bias, channels_last=True)
     if _all_finite(x) and _all_finite(w):
         return winograd.forward(x, w, geom, bias=bias, channels_last=True)
     return _via_ncdhw(lambda xc: conv3d_forward(xc, w, geom, bias), x)

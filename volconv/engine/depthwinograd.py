@@ -1,0 +1,421 @@
+"""Winograd along depth over the in-plane unfolding: the forward of stems.
+
+A stem (I3D's 7x7x7 and R3D's 3x7x7 at stride (1, 2, 2), three input channels) spends
+its forward in GEMMs that the in-plane unfolding (``hwunfold``, tap rows) already runs
+near the machine's GEMM peak, and its in-plane stride leaves the plane no fast
+algorithm. Its depth axis has stride 1, though, and there a 1-D Winograd transform
+shares multiplications between neighbouring output planes. With ``(*)`` the in-plane
+(strided, dilated, padded) convolution of a plane -- one GEMM on the plane's unfolding
+-- a depth tile of ``m`` output planes from ``z0`` is::
+
+    y[z0 + i] = sum_k W_k (*) x[z0 - lo + k + i]                       (i < m)
+              = sum_a AT[i, a] (U_a (*) V_a),    U_a = sum_k G[a, k] W_k,
+                                                 V_a = sum_j BT[a, j] x[z0 - lo + j]
+
+F(m, r) -- ``m`` outputs, ``r`` taps -- takes ``alpha = m + r - 1`` plane products where
+direct convolution takes ``m * r``. Here ``m = 4``; a kernel deeper than 4 taps is split
+into chunks of 4, 3 (or 2) consecutive taps (kernel splitting: each chunk a convolution
+of its own, their outputs summed), each by its own F(4, r): R3D's 3 taps take 6 products
+per 4 output planes instead of 12, I3D's 7 taps 7 + 6 = 13 instead of 28. The GEMMs keep
+their shape (``O x C*kh*kw`` times the plane's unfolding), so the saving is the whole
+product count; the transforms cost little: ``V_a`` combines planes of the few-channel
+input (before the unfolding multiplies them by ``kh*kw``), ``U_a`` is computed once per
+call from the small weight (in float64, rounded once), and the output combination is one
+pass over the products of a chunk.
+
+The transforms are Toom-Cook's from the points in :data:`POINTS` (0, +-1, 1/2, +-2 and
+infinity: every entry of ``AT`` and ``BT`` is exact in binary, checked when they are
+built). Error, relative to ``max |x| (*) |w|``: 3-6e-7 in float32 against 0.7e-7 for the
+direct sum (one transform axis only; the tests bound it like every algorithm's).
+
+Work: a task is one depth tile of one batch item, on the engine's threads with BLAS
+single-threaded (as ``hwunfold``'s threaded slabs). For each chunk and each of its
+points ``a``, the task forms ``V_a`` (``C`` planes), unfolds it (``hwunfold``'s kernel) and
+multiplies, ``M_a = U_a @ unfold(V_a)``, into a buffer of the chunk's products; then
+``y[z0 + i] (+)= sum_a AT[i, a] M_a`` (+ the bias, with the first chunk) writes the tile's
+output planes in NCDHW or, with ``channels_last``, NDHWC. Points whose input planes all
+lie in the depth padding are skipped. A tile's arithmetic is fixed by the geometry, so
+no result depends on the thread count.
+
+Non-finite data: a transform mixes the planes of a tile (an Inf becomes NaN in every
+output of its tile), so the engine takes the GEMM family for such inputs
+(``FINITE_ONLY``). The gradients are the in-plane unfolding's (the engine routes them
+there).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+
+from .. import config
+from . import hwunfold
+from ._args import ConvGeometry
+from ._blas import single_threaded_blas
+from ._layout import layout_shape
+from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
+
+NAME = "depthwinograd"
+FINITE_ONLY = True
+FUSED_BIAS = True
+
+#: Output planes per depth tile.
+TILE = 4
+#: Finite interpolation points of F(4, r) per chunk size ``r`` (infinity is the last
+#: point of each). r = 3 is the Winograd module's F(4, 3).
+POINTS = {
+    2: (0.0, 1.0, -1.0, 2.0),
+    3: (0.0, 1.0, -1.0, 0.5, -2.0),
+    4: (0.0, 1.0, -1.0, 0.5, -2.0, 2.0),
+}
+#: The transforms' entries are rounded to this grid (all of them are multiples of it) and
+#: the Toom-Cook identity is checked to this accuracy after rounding.
+_GRID = 4096.0
+_IDENTITY_TOL = 1e-12
+
+#: The chooser takes the depth transform where it needs at most this share of the direct
+#: plane products per output plane (partial tiles at the far face included): R3D's stem
+#: 1.5 / 3 = 0.5, I3D's 3.25 / 7 = 0.46.
+MAX_PRODUCT_SHARE = 0.6
+#: Fewest output channels (the GEMMs' rows): the stems have 64; a layer with a handful
+#: (the adjoint of a stem) keeps the unfolding.
+MIN_OUTPUT_CHANNELS = 16
+
+
+def chunks(kd: int) -> list[int]:
+    """Depth taps per chunk: 4s, then the rest, never a single tap (7 -> [4, 3], 5 -> [3, 2]).
+
+    Examples
+    --------
+    >>> chunks(7), chunks(3), chunks(5), chunks(8)
+    ([4, 3], [3], [3, 2], [4, 4])
+    """
+    if kd < 2:
+        raise ValueError(f"depth Winograd needs a kernel depth >= 2, got {kd}")
+    sizes = []
+    while kd > 4:
+        take = 3 if kd == 5 else 4  # 5 -> 3 + 2: never leave a single tap
+        sizes.append(take)
+        kd -= take
+    sizes.append(kd)
+    return sizes
+
+
+@functools.cache
+def transforms(r: int, m: int = TILE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(AT (m, alpha), G (alpha, r), BT (alpha, alpha))`` of F(m, r), float64, from the
+    points :data:`POINTS` ``[r]`` and infinity: ``AT @ ((G @ g) * (BT @ d))`` is the
+    correlation ``sum_k g[k] d[i + k]`` (``i < m``) for any ``g`` (r) and ``d`` (alpha).
+
+    ``AT`` and ``G`` are the Vandermonde-type interpolation matrices; ``BT`` solves the
+    identity (exactly, then rounded to the binary grid its entries lie on). Built once
+    per ``(r, m)``; the arrays are read-only.
+
+    Examples
+    --------
+    >>> AT, G, BT = transforms(3)
+    >>> AT.shape, G.shape, BT.shape
+    ((4, 6), (6, 3), (6, 6))
+    >>> d, g = np.arange(6.0), np.array([1.0, -2.0, 0.5])
+    >>> bool(np.allclose(AT @ ((G @ g) * (BT @ d)), np.correlate(d, g, "valid")))
+    True
+    """
+    points = POINTS[r]
+    alpha = len(points) + 1
+    if alpha != m + r - 1:
+        raise ValueError(f"F({m}, {r}) needs {m + r - 2} finite points, got {len(points)}")
+    AT = np.zeros((m, alpha))
+    G = np.zeros((alpha, r))
+    for j, p in enumerate(points):
+        AT[:, j] = p ** np.arange(m)
+        G[j] = p ** np.arange(r) / np.prod([p - q for q in points if q != p])
+    AT[m - 1, alpha - 1] = G[alpha - 1, r - 1] = 1.0  # the point at infinity
+    # sum_a AT[i, a] G[a, k] BT[a, l] = [l == i + k] for all i, k, l: linear in BT
+    E = np.einsum("ia,ak->ika", AT, G).reshape(m * r, alpha)
+    pairs = [(i, k) for i in range(m) for k in range(r)]
+    target = np.array([[float(i + k == n) for n in range(alpha)] for i, k in pairs])
+    BT = np.round(np.linalg.lstsq(E, target, rcond=None)[0] * _GRID) / _GRID
+    residual = float(np.abs(E @ BT - target).max())
+    if residual > _IDENTITY_TOL:  # pragma: no cover - a bad POINTS entry
+        raise ValueError(f"F({m}, {r}): the transforms miss the identity by {residual:g}")
+    for a in (AT, G, BT):
+        a.flags.writeable = False
+    return AT, G, BT
+
+
+def _identity_unfolding(geom: ConvGeometry) -> bool:
+    """Whether the in-plane unfolding is the plane itself (a (1, 1) in-plane kernel at
+    in-plane stride 1 without in-plane padding: R(2+1)D's temporal layers)."""
+    unpadded = geom.pads[1:] == ((0, 0), (0, 0))
+    return geom.kernel[1:] == (1, 1) and geom.stride[1:] == (1, 1) and unpadded
+
+
+class _Plan:
+    """The depth chunks of a geometry and the threads' scratch sizes."""
+
+    def __init__(self, geom: ConvGeometry, itemsize: int, threads: int):
+        kd, kh, kw = geom.kernel
+        Do, Ho, Wo = geom.spatial_out
+        self.P = Ho * Wo
+        self.K2 = geom.C * kh * kw
+        self.ld = hwunfold._leading_dim(self.P, itemsize)
+        self.chunks = []  # (first tap, taps, AT, G, BT)
+        k0 = 0
+        for r in chunks(kd):
+            self.chunks.append((k0, r, *transforms(r)))
+            k0 += r
+        self.points = sum(len(c[3]) for c in self.chunks)
+        most = max(len(c[3]) for c in self.chunks)
+        _, H, W = geom.spatial_in
+        # V_a (C planes), one unfolding, a chunk's products
+        unfolding = 0 if _identity_unfolding(geom) else self.K2 * self.ld
+        per_thread = geom.C * H * W + unfolding + most * geom.O * self.P
+        weights = self.points * geom.O * self.K2
+        self.tiles = [(n, z0) for n in range(geom.N) for z0 in range(0, Do, TILE)]
+        budget = config.workspace_bytes // itemsize - weights
+        self.threads = max(0, min(threads, len(self.tiles), budget // max(1, per_thread)))
+        self.workspace = itemsize * (weights + self.threads * per_thread)
+
+
+def _plan(geom: ConvGeometry, itemsize: int, threads: int | None = None) -> _Plan | None:
+    """The plan, or None where not even one thread's scratch fits the cap."""
+    if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
+        return None
+    plan = _Plan(geom, itemsize, engine_threads() if threads is None else threads)
+    return plan if plan.threads > 0 else None
+
+
+def supports(geom: ConvGeometry) -> bool:
+    """Dense kernels with >= 2 depth taps at depth stride and dilation 1 (any in-plane
+    stride, dilation and padding), with numba, where one thread's scratch fits the cap
+    (planned for float64)."""
+    return (
+        geom.G == 1
+        and geom.kernel[0] >= 2
+        and geom.stride[0] == 1
+        and geom.dilation[0] == 1
+        and numba_available()
+        and _plan(geom, 8, 1) is not None
+    )
+
+
+def product_share(geom: ConvGeometry) -> float:
+    """Plane products per output plane against the direct ``kd`` (partial tiles count
+    whole)."""
+    Do = geom.spatial_out[0]
+    points = sum(r + TILE - 1 for r in chunks(geom.kernel[0]))
+    return points * -(-Do // TILE) / (Do * geom.kernel[0])
+
+
+def prefer(geom: ConvGeometry, dtype) -> bool:
+    """Whether the chooser takes the depth transform: where the unfolding would stack the
+    depth taps into its GEMM rows on planes too large to batch items (the stems: see
+    ``hwunfold``), with enough output channels, saving enough products
+    (:data:`MAX_PRODUCT_SHARE`) and with both threads' scratch under the cap."""
+    # Depth-only (kd, 1, 1) kernels stay ``pointwise``'s GEMMs on the arrays themselves:
+    # over their many input channels the depth transform is a pass of its own (R(2+1)D's
+    # temporal layer, 144 channels: 72-85 ms against 83-102, too close to route its
+    # gradients elsewhere).
+    kd, kh, kw = geom.kernel
+    if kd < 2 or kh * kw == 1 or geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
+        return False
+    if not (hwunfold._tap_rows(geom) and hwunfold._max_batch(geom) == 1):
+        return False
+    plan = _plan(geom, np.dtype(dtype).itemsize)
+    return (
+        plan is not None
+        and plan.threads == min(engine_threads(), len(plan.tiles))
+        and product_share(geom) <= MAX_PRODUCT_SHARE
+    )
+
+
+def workspace_bytes(geom: ConvGeometry, itemsize: int) -> int:
+    """Bytes the forward allocates besides its input, weight and output."""
+    plan = _plan(geom, itemsize)
+    if plan is None:
+        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    return plan.workspace
+
+
+# ----------------------------------------------------------------- kernels (numba)
+
+
+def _depth_point(x4, n, zb, bt, V2):  # pragma: no cover - compiled
+    """``V2[c, :] = sum_j bt[j] x4[n, c, zb + j, :]`` over the planes inside the input
+    (the others are depth padding); returns whether any term was taken (else ``V2`` is
+    left as it was: the point's products are zero)."""
+    C, D, HW = x4.shape[1], x4.shape[2], x4.shape[3]
+    any_term = False
+    for j in range(bt.shape[0]):
+        if bt[j] != 0 and 0 <= zb + j < D:
+            any_term = True
+    if not any_term:
+        return False
+    for c in range(C):
+        dst = V2[c]
+        started = False
+        for j in range(bt.shape[0]):
+            coef = bt[j]
+            z = zb + j
+            if coef == 0 or z < 0 or z >= D:
+                continue
+            src = x4[n, c, z]
+            if started:
+                for k in range(HW):
+                    dst[k] += coef * src[k]
+            else:
+                for k in range(HW):
+                    dst[k] = coef * src[k]
+                started = True
+    return True
+
+
+def _combine(M, used, AT, y4, n, z0, zz, add, bias, cl):  # pragma: no cover - compiled
+    """``y[n, z0 + i] (+)= sum_a AT[i, a] M[a]`` for ``i < zz`` and the points with
+    ``used[a]``, plus ``bias`` (when not empty) where the planes are written (``add``
+    False). ``M (A, O, P)``; ``y4 (N, O, Do, P)``, or ``(N, Do, P, O)`` with ``cl``. Every
+    output sums its terms in the same order (bias, then ``a``) in either layout, so NDHWC
+    is exactly the transposed NCDHW result."""
+    A, O, P = M.shape
+    nb = bias.shape[0]
+    if not cl:
+        for o in range(O):
+            b = bias[o] if nb else 0
+            for i in range(zz):
+                if not add:
+                    dst = y4[n, o, z0 + i]
+                    for p in range(P):
+                        dst[p] = b
+            for a in range(A):
+                if not used[a]:
+                    continue
+                src = M[a, o]
+                for i in range(zz):
+                    coef = AT[i, a]
+                    if coef != 0:
+                        dst = y4[n, o, z0 + i]
+                        for p in range(P):
+                            dst[p] += coef * src[p]
+        return
+    # channels-last: blocks of positions summed channel-major in ``acc``, then transposed
+    # into the output (whose block stays in cache)
+    PB = 256
+    acc = np.empty((O, PB), dtype=M.dtype)
+    for i in range(zz):
+        for p0 in range(0, P, PB):
+            pb = min(PB, P - p0)
+            out = y4[n, z0 + i, p0 : p0 + pb]
+            for o in range(O):
+                row = acc[o]
+                if add:
+                    for p in range(pb):
+                        row[p] = out[p, o]
+                else:
+                    b = bias[o] if nb else 0
+                    for p in range(pb):
+                        row[p] = b
+                for a in range(A):
+                    coef = AT[i, a]
+                    if used[a] and coef != 0:
+                        src = M[a, o, p0:]
+                        for p in range(pb):
+                            row[p] += coef * src[p]
+            for p in range(pb):
+                dst = out[p]
+                for o in range(O):
+                    dst[o] = acc[o, p]
+
+
+@compile_once
+def _kernels() -> dict:
+    """Compile (or load from numba's cache) the kernels, once per process."""
+    import numba
+
+    # fastmath off: every sum keeps the order written here.
+    jit = numba.njit(cache=True, fastmath=False, nogil=True)
+    return {"point": jit(_depth_point), "combine": jit(_combine)}
+
+
+# ------------------------------------------------------------------------- forward
+
+
+def _transformed_weights(w: np.ndarray, geom: ConvGeometry, plan: _Plan, dtype) -> np.ndarray:
+    """``U (points, O, C*kh*kw)``: per chunk and point ``a``, ``sum_k G[a, k] w[:, :, k0 +
+    k]`` in float64, rounded once (the unfolding's row order ``(c, b, e)``)."""
+    kd = geom.kernel[0]
+    w4 = np.asarray(w, dtype=np.float64).reshape(geom.O, geom.C, kd, -1)
+    parts = [np.einsum("ak,ockt->aoct", G, w4[:, :, k0 : k0 + r]) for k0, r, _, G, _ in plan.chunks]
+    U = np.concatenate(parts).reshape(plan.points, geom.O, plan.K2)
+    return np.ascontiguousarray(U, dtype=dtype)
+
+
+def forward(
+    x: np.ndarray, w: np.ndarray, geom: ConvGeometry, bias=None, channels_last: bool = False
+) -> np.ndarray:
+    """The forward convolution, ``(N, O, Do, Ho, Wo)``; with ``channels_last``, ``(N, Do,
+    Ho, Wo, O)`` from ``x (N, D, H, W, C)`` (``x`` is transposed in, as the unfolding reads
+    NCDHW; the output is written as it lies)."""
+    x = hwunfold._input_side(x, channels_last)
+    dtype, cl = x.dtype, channels_last
+    plan = _plan(geom, x.itemsize)
+    if plan is None:  # pragma: no cover - supports() rejects these
+        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    kernels = _kernels()
+    unfold = hwunfold._kernels()["unfold"]
+    O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
+    _, H, W = geom.spatial_in
+    Do, Ho = geom.spatial_out[:2]
+    lo = geom.pads[0][0]
+    U = _transformed_weights(w, geom, plan, dtype)
+    y = np.empty(layout_shape(geom.out_shape, cl), dtype=dtype)
+    y4 = y.reshape(geom.N, Do, P, O) if cl else y.reshape(geom.N, O, Do, P)
+    x4 = x.reshape(geom.N, C, geom.spatial_in[0], H * W)
+    b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
+    geo = hwunfold._geo(geom, 1)
+    tables = [(k0, AT.astype(dtype), BT.astype(dtype)) for k0, _, AT, _, BT in plan.chunks]
+    most = max(len(BT) for _, _, BT in tables)
+    identity = _identity_unfolding(geom)
+    local = threading.local()
+
+    def scratch():
+        if not hasattr(local, "V"):
+            local.V = np.empty((1, C, 1, H, W), dtype=dtype)
+            local.col = np.empty((1, K2, 0 if identity else ld), dtype=dtype)
+            local.M = np.empty((most, O, P), dtype=dtype)
+        return local.V, local.col, local.M
+
+    def work(task: int, ntasks: int) -> None:
+        V, col, Mbuf = scratch()
+        V2 = V.reshape(C, H * W)
+        for n, z0 in plan.tiles[task::ntasks]:
+            zz = min(TILE, Do - z0)
+            a_first = 0  # the chunk's first point in U
+            for ci, (k0, AT, BT) in enumerate(tables):
+                A = len(BT)
+                used = np.zeros(A, dtype=np.bool_)
+                for a in range(A):
+                    # V_a from the chunk's input planes z0 - lo + k0 + j
+                    if not kernels["point"](x4, n, z0 - lo + k0, BT[a], V2):
+                        continue
+                    used[a] = True
+                    if identity:  # a (1, 1) in-plane kernel unfolds nothing: V_a as it is
+                        src, lds = V.ctypes.data, P
+                    else:
+                        unfold(0, 1, V, col, 0, 0, geo, Ho)
+                        src, lds = col.ctypes.data, ld
+                    # M_a = U_a (O x K2) @ unfold(V_a) (K2 x P)
+                    hwunfold._gemm_out(
+                        dtype, False, P, O, K2,
+                        src, lds,
+                        U[a_first + a].ctypes.data, K2,
+                        Mbuf[a].ctypes.data, P,
+                        0.0,
+                    )  # fmt: skip
+                kernels["combine"](Mbuf[:A], used, AT, y4, n, z0, zz, ci > 0, b, cl)
+                a_first += A
+
+    with single_threaded_blas():
+        run_tasks(work, plan.threads)
+    return y
