@@ -135,12 +135,13 @@ def _suite_geometry(name):
     return conv_geometry(x_shape, w_shape, tuple(layer["stride"]), pads, (1, 1, 1), 1)
 
 
-@pytest.mark.parametrize("name", ["i3d_stem_7x7x7", "r3d18_stem_3x7x7"])
-def test_the_chooser_takes_it_for_the_stems_and_keeps_their_gradients(name):
+@pytest.mark.parametrize("name", ["i3d_stem_7x7x7", "r3d18_stem_3x7x7", "c3d_conv1a"])
+def test_the_chooser_takes_it_for_stems_and_first_layers_keeping_their_gradients(name):
     geom = _suite_geometry(name)
     f32 = np.dtype(np.float32)
     assert engine.choose(geom, f32) == depthwinograd.NAME
     assert depthwinograd.product_share(geom) <= 0.5
+    assert geom.C * geom.kernel[1] * geom.kernel[2] >= depthwinograd.MIN_PLANE_REDUCTION
     assert engine._input_gradient_route(geom, f32)[0] == hwunfold.NAME
     assert engine._weight_gradient_algorithm(geom, f32) == hwunfold.NAME
     # NDHWC is native: the forward writes it, the unfolding's gradients read it
@@ -150,13 +151,13 @@ def test_the_chooser_takes_it_for_the_stems_and_keeps_their_gradients(name):
 @pytest.mark.parametrize(
     "name",
     [
-        "c3d_conv1a", "unet3d_enc1", "c3d_conv3a", "c3d_conv5a", "strided_down_s2",
+        "unet3d_enc1", "c3d_conv3a", "c3d_conv5a", "strided_down_s2",
         "vnet_5x5x5", "r2plus1d_temporal",
     ],
 )  # fmt: skip
 def test_the_chooser_leaves_other_layers_alone(name):
-    """Short in-plane reductions (the first layers' tap columns), Winograd's and FFT's
-    layers, depth-strided ones and depth-only kernels keep their algorithms."""
+    """A short in-plane reduction (the U-Net's 1-channel first layer: 9), Winograd's and
+    FFT's layers, depth-strided ones and depth-only kernels keep their algorithms."""
     assert engine.choose(_suite_geometry(name), np.dtype(np.float32)) != depthwinograd.NAME
 
 
@@ -218,3 +219,24 @@ def test_module_forward_takes_it_end_to_end():
     ref = conv3d_reference(x.astype(np.float64), w64.reshape(geom.w_shape), geom)
     ref += m.bias.numpy().astype(np.float64).reshape(1, -1, 1, 1, 1)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_threads_do_not_change_a_bit():
+    """A depth tile is one task with its arithmetic fixed by the geometry: one thread or
+    two give the same bits."""
+    import numba
+
+    geom = _geometry("i3d-like")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(geom.in_shape).astype(np.float32)
+    w = rng.standard_normal(geom.w_shape).astype(np.float32)
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert depthwinograd._plan(geom, 4).threads == 1
+        one = depthwinograd.forward(x, w, geom)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = depthwinograd.forward(x, w, geom)
+    finally:
+        numba.set_num_threads(saved)
+    np.testing.assert_array_equal(one, two)

@@ -1,12 +1,13 @@
-"""Winograd along depth over the in-plane unfolding: the forward of stems.
+"""Winograd along depth over the in-plane unfolding: the forward of stems and first layers.
 
 A stem (I3D's 7x7x7 and R3D's 3x7x7 at stride (1, 2, 2), three input channels) spends
-its forward in GEMMs that the in-plane unfolding (``hwunfold``, tap rows) already runs
-near the machine's GEMM peak, and its in-plane stride leaves the plane no fast
-algorithm. Its depth axis has stride 1, though, and there a 1-D Winograd transform
-shares multiplications between neighbouring output planes. With ``(*)`` the in-plane
-(strided, dilated, padded) convolution of a plane -- one GEMM on the plane's unfolding
--- a depth tile of ``m`` output planes from ``z0`` is::
+its forward in GEMMs that the in-plane unfolding (``hwunfold``) already runs near the
+machine's GEMM peak, and its in-plane stride leaves the plane no fast algorithm; a first
+layer (C3D's conv1a, 3 channels) has too few input channels for Winograd's 3-D tiles.
+Both have depth stride 1, and there a 1-D Winograd transform shares multiplications
+between neighbouring output planes. With ``(*)`` the in-plane (strided, dilated,
+padded) convolution of a plane -- one GEMM on the plane's unfolding -- a depth tile of
+``m`` output planes from ``z0`` is::
 
     y[z0 + i] = sum_k W_k (*) x[z0 - lo + k + i]                       (i < m)
               = sum_a AT[i, a] (U_a (*) V_a),    U_a = sum_k G[a, k] W_k,
@@ -15,18 +16,24 @@ shares multiplications between neighbouring output planes. With ``(*)`` the in-p
 F(m, r) -- ``m`` outputs, ``r`` taps -- takes ``alpha = m + r - 1`` plane products where
 direct convolution takes ``m * r``. Here ``m = 4``; a kernel deeper than 4 taps is split
 into chunks of 4, 3 (or 2) consecutive taps (kernel splitting: each chunk a convolution
-of its own, their outputs summed), each by its own F(4, r): R3D's 3 taps take 6 products
-per 4 output planes instead of 12, I3D's 7 taps 7 + 6 = 13 instead of 28. The GEMMs keep
+of its own, their outputs summed), each by its own F(4, r): 3 taps take 6 products per 4
+output planes instead of 12, I3D's 7 taps 7 + 6 = 13 instead of 28. The GEMMs keep
 their shape (``O x C*kh*kw`` times the plane's unfolding), so the saving is the whole
 product count; the transforms cost little: ``V_a`` combines planes of the few-channel
 input (before the unfolding multiplies them by ``kh*kw``), ``U_a`` is computed once per
 call from the small weight (in float64, rounded once), and the output combination is one
 pass over the products of a chunk.
 
+Measured (2 threads, interleaved in one process, forward ms, against the unfolding):
+R3D stem 46-49 vs 64-67, I3D stem 47-52 vs 64-69, C3D conv1a 36-39 vs 42-44; the
+suite run (3 rounds against PyTorch): I3D 1.09x -> 1.25x, R3D 1.28x -> 1.57x.
+
 The transforms are Toom-Cook's from the points in :data:`POINTS` (0, +-1, 1/2, +-2 and
 infinity: every entry of ``AT`` and ``BT`` is exact in binary, checked when they are
-built). Error, relative to ``max |x| (*) |w|``: 3-6e-7 in float32 against 0.7e-7 for the
-direct sum (one transform axis only; the tests bound it like every algorithm's).
+built). Error in float32, relative to ``max |x| (*) |w|``: 2-6e-7 against 0.7e-7 for
+the direct sum; relative to ``max |y|`` on the suite's layers 0.5-1.4e-6 against
+0.2-0.4e-6 for the unfolding (one transform axis only; the tests bound it like every
+algorithm's).
 
 Work: a task is one depth tile of one batch item, on the engine's threads with BLAS
 single-threaded (as ``hwunfold``'s threaded slabs). For each chunk and each of its
@@ -39,8 +46,8 @@ no result depends on the thread count.
 
 Non-finite data: a transform mixes the planes of a tile (an Inf becomes NaN in every
 output of its tile), so the engine takes the GEMM family for such inputs
-(``FINITE_ONLY``). The gradients are the in-plane unfolding's (the engine routes them
-there).
+(``FINITE_ONLY``). The gradients are the GEMM family's (the engine routes them there:
+the unfolding's on the suite's layers).
 """
 
 from __future__ import annotations
@@ -79,6 +86,10 @@ _IDENTITY_TOL = 1e-12
 #: plane products per output plane (partial tiles at the far face included): R3D's stem
 #: 1.5 / 3 = 0.5, I3D's 3.25 / 7 = 0.46.
 MAX_PRODUCT_SHARE = 0.6
+#: Shortest in-plane reduction ``C*kh*kw`` (the GEMMs' inner dimension): C3D conv1a's 27
+#: (3 channels, 3x3) won, forward 36-39 ms against the unfolding's 42-44; the U-Net's
+#: 1-channel first layer (9) lost, 35-36 against 31.
+MIN_PLANE_REDUCTION = 27
 #: Fewest output channels (the GEMMs' rows): the stems have 64; a layer with a handful
 #: (the adjoint of a stem) keeps the unfolding.
 MIN_OUTPUT_CHANNELS = 16
@@ -210,10 +221,11 @@ def product_share(geom: ConvGeometry) -> float:
 
 
 def prefer(geom: ConvGeometry, dtype) -> bool:
-    """Whether the chooser takes the depth transform: where the unfolding would stack the
-    depth taps into its GEMM rows on planes too large to batch items (the stems: see
-    ``hwunfold``), with enough output channels, saving enough products
-    (:data:`MAX_PRODUCT_SHARE`) and with both threads' scratch under the cap."""
+    """Whether the chooser takes the depth transform: stems and first layers (in-plane
+    kernels with a long enough reduction, :data:`MIN_PLANE_REDUCTION`) on planes too
+    large to batch items (``hwunfold._max_batch``), with enough output channels, saving
+    enough products (:data:`MAX_PRODUCT_SHARE`) and with both threads' scratch under
+    the cap."""
     # Depth-only (kd, 1, 1) kernels stay ``pointwise``'s GEMMs on the arrays themselves:
     # over their many input channels the depth transform is a pass of its own (R(2+1)D's
     # temporal layer, 144 channels: 72-85 ms against 83-102, too close to route its
@@ -221,7 +233,7 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     kd, kh, kw = geom.kernel
     if kd < 2 or kh * kw == 1 or geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
         return False
-    if not (hwunfold._tap_rows(geom) and hwunfold._max_batch(geom) == 1):
+    if geom.C * kh * kw < MIN_PLANE_REDUCTION or hwunfold._max_batch(geom) > 1:
         return False
     plan = _plan(geom, np.dtype(dtype).itemsize)
     return (
