@@ -240,3 +240,20 @@ def test_threads_do_not_change_a_bit():
     finally:
         numba.set_num_threads(saved)
     np.testing.assert_array_equal(one, two)
+
+
+def test_scratch_memory_is_what_the_plan_counts():
+    """Traced scratch of a forward with many input channels (the transformed weight and
+    its float64 arithmetic are then the large part) stays within the plan's workspace."""
+    from tracing import scratch_bytes
+
+    pads = ((1, 1), (1, 1), (1, 1))
+    geom = conv_geometry((1, 64, 6, 48, 48), (1, 32, 64, 3, 3, 3), (1, 2, 2), pads, (1, 1, 1), 1)
+    assert depthwinograd.supports(geom)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(geom.in_shape, dtype=np.float32)
+    w = rng.standard_normal(geom.w_shape, dtype=np.float32)
+    depthwinograd.forward(x, w, geom)  # (compilation allocates too)
+    y_bytes = int(np.prod(geom.out_shape)) * 4
+    used = scratch_bytes(lambda: depthwinograd.forward(x, w, geom), y_bytes)
+    assert used <= depthwinograd.workspace_bytes(geom, 4) + (64 << 10)

@@ -183,7 +183,8 @@ class _Plan:
         # V_a (C planes), one unfolding, a chunk's products
         unfolding = 0 if _identity_unfolding(geom) else self.K2 * self.ld
         per_thread = geom.C * H * W + unfolding + most * geom.O * self.P
-        weights = self.points * geom.O * self.K2
+        # U, and the two float64 planes it is computed in
+        weights = self.points * geom.O * self.K2 + 2 * geom.O * self.K2 * 8 // itemsize
         self.tiles = [(n, z0) for n in range(geom.N) for z0 in range(0, Do, TILE)]
         budget = config.workspace_bytes // itemsize - weights
         self.threads = max(0, min(threads, len(self.tiles), budget // max(1, per_thread)))
@@ -355,12 +356,23 @@ def _kernels() -> dict:
 
 def _transformed_weights(w: np.ndarray, geom: ConvGeometry, plan: _Plan, dtype) -> np.ndarray:
     """``U (points, O, C*kh*kw)``: per chunk and point ``a``, ``sum_k G[a, k] w[:, :, k0 +
-    k]`` in float64, rounded once (the unfolding's row order ``(c, b, e)``)."""
-    kd = geom.kernel[0]
-    w4 = np.asarray(w, dtype=np.float64).reshape(geom.O, geom.C, kd, -1)
-    parts = [np.einsum("ak,ockt->aoct", G, w4[:, :, k0 : k0 + r]) for k0, r, _, G, _ in plan.chunks]
-    U = np.concatenate(parts).reshape(plan.points, geom.O, plan.K2)
-    return np.ascontiguousarray(U, dtype=dtype)
+    k]`` in float64, rounded once (the unfolding's row order ``(c, b, e)``). Point by
+    point: the float64 scratch is two ``(O, C*kh*kw)`` planes, not a copy of ``w``."""
+    w4 = np.asarray(w).reshape(geom.O, geom.C, geom.kernel[0], -1)
+    U = np.empty((plan.points, geom.O, plan.K2), dtype=dtype)
+    acc = np.empty((geom.O, geom.C, w4.shape[3]))
+    tap = np.empty_like(acc)
+    a = 0
+    for k0, r, _, G, _ in plan.chunks:
+        for row in G:
+            acc[...] = 0
+            for k in range(r):
+                if row[k] != 0:
+                    np.multiply(w4[:, :, k0 + k], row[k], out=tap)
+                    acc += tap
+            U[a] = acc.reshape(geom.O, plan.K2)
+            a += 1
+    return U
 
 
 def forward(
