@@ -22,13 +22,14 @@ name               used for
 ``fft``            dense stride-1 layers with large kernels (5^3, 7^3) on volumes
                    several times their extent, with numba: overlap-save blocks; the
                    weight gradient only where ``fft.prefer(kind="weight")``
-``depthwinograd``  stems (few input channels, large in-plane kernels, depth stride 1;
-                   the planes too large to batch items), with numba: F(4, r) Winograd
-                   along depth over the in-plane unfolding (7 depth taps in 13 plane
-                   products per 4 output planes, not 28); forward only, its gradients
-                   are the GEMM family's
+``depthwinograd``  stems and first layers (depth stride 1, an in-plane reduction
+                   ``C*kh*kw >= 27``, planes too large to batch items), with numba:
+                   F(4, r) Winograd along depth over the in-plane unfolding (7 depth
+                   taps in 13 plane products per 4 output planes, not 28); forward
+                   only, its gradients are the GEMM family's
 ``hwunfold``       other dense layers whose in-plane unfolding gives BLAS a long
-                   enough reduction (first layers, the stems' gradients, tiny planes, depth-strided
+                   enough reduction (the stems' and first layers' gradients, the
+                   1-channel first layer, tiny planes, depth-strided
                    layers): H and W unfolded plane by plane, the depth taps stacked
                    into the GEMMs; with numba its slabs run whole on the engine's
                    threads (unfold + single-threaded GEMMs)
@@ -164,8 +165,8 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
     # Large kernels (5x5x5, 7x7x7) on volumes several times their extent.
     if fft.prefer(geom, dtype):
         return fft.NAME
-    # Stems (few input channels, large in-plane kernels, depth stride 1): Winograd along
-    # depth over the in-plane unfolding, 2x (3 taps) / 2.15x (7 taps) fewer plane products.
+    # Stems and first layers (depth stride 1, few input channels): Winograd along depth
+    # over the in-plane unfolding, 2x (3 taps) / 2.15x (7 taps) fewer plane products.
     if depthwinograd.prefer(geom, dtype):
         return depthwinograd.NAME
     return _preferred_gemm(geom)

@@ -177,12 +177,12 @@ class _Plan:
         for r in chunks(kd):
             self.chunks.append((k0, r, *transforms(r)))
             k0 += r
-        self.points = sum(len(c[3]) for c in self.chunks)
-        most = max(len(c[3]) for c in self.chunks)
+        alphas = [AT.shape[1] for _, _, AT, _, _ in self.chunks]
+        self.points, self.most = sum(alphas), max(alphas)  # all points, and a chunk's most
         _, H, W = geom.spatial_in
         # V_a (C planes), one unfolding, a chunk's products
         unfolding = 0 if _identity_unfolding(geom) else self.K2 * self.ld
-        per_thread = geom.C * H * W + unfolding + most * geom.O * self.P
+        per_thread = geom.C * H * W + unfolding + self.most * geom.O * self.P
         # U, and the two float64 planes it is computed in
         weights = self.points * geom.O * self.K2 + 2 * geom.O * self.K2 * 8 // itemsize
         self.tiles = [(n, z0) for n in range(geom.N) for z0 in range(0, Do, TILE)]
@@ -231,8 +231,8 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     # over their many input channels the depth transform is a pass of its own (R(2+1)D's
     # temporal layer, 144 channels: 72-85 ms against 83-102, too close to route its
     # gradients elsewhere).
-    kd, kh, kw = geom.kernel
-    if kd < 2 or kh * kw == 1 or geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
+    kh, kw = geom.kernel[1:]
+    if kh * kw == 1 or geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
         return False
     if geom.C * kh * kw < MIN_PLANE_REDUCTION or hwunfold._max_batch(geom) > 1:
         return False
@@ -399,7 +399,6 @@ def forward(
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
     geo = hwunfold._geo(geom, 1)
     tables = [(k0, AT.astype(dtype), BT.astype(dtype)) for k0, _, AT, _, BT in plan.chunks]
-    most = max(len(BT) for _, _, BT in tables)
     identity = _identity_unfolding(geom)
     local = threading.local()
 
@@ -407,7 +406,7 @@ def forward(
         if not hasattr(local, "V"):
             local.V = np.empty((1, C, 1, H, W), dtype=dtype)
             local.col = np.empty((1, K2, 0 if identity else ld), dtype=dtype)
-            local.M = np.empty((most, O, P), dtype=dtype)
+            local.M = np.empty((plan.most, O, P), dtype=dtype)
         return local.V, local.col, local.M
 
     def work(task: int, ntasks: int) -> None:
