@@ -148,16 +148,31 @@ def test_the_chooser_takes_it_for_stems_and_first_layers_keeping_their_gradients
     assert engine._native_layout(geom, f32) == depthwinograd.NAME
 
 
+def test_depth_only_kernels_keep_pointwise_gradients_and_ndhwc():
+    """R(2+1)D's temporal layer: the depth transform's forward (its 'unfolding' is the
+    plane itself), ``pointwise``'s weight gradient, the input gradient the adjoint's
+    forward (the depth transform again: 144 outputs), and NDHWC stays ``pointwise``'s
+    GEMMs on the arrays as they lie."""
+    geom = _suite_geometry("r2plus1d_temporal")
+    f32 = np.dtype(np.float32)
+    assert depthwinograd._identity_unfolding(geom)
+    assert engine.choose(geom, f32) == depthwinograd.NAME
+    assert engine._weight_gradient_algorithm(geom, f32) == "pointwise"
+    assert engine._input_gradient_route(geom, f32)[0] == engine._ADJOINT
+    assert engine.choose(engine.transposed_geometry(geom), f32) == depthwinograd.NAME
+    assert engine._native_layout(geom, f32) == "pointwise"
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "unet3d_enc1", "c3d_conv3a", "c3d_conv5a", "strided_down_s2",
-        "vnet_5x5x5", "r2plus1d_temporal",
+        "vnet_5x5x5", "r2plus1d_spatial", "pointwise_1x1x1",
     ],
 )  # fmt: skip
 def test_the_chooser_leaves_other_layers_alone(name):
     """A short in-plane reduction (the U-Net's 1-channel first layer: 9), Winograd's and
-    FFT's layers, depth-strided ones and depth-only kernels keep their algorithms."""
+    FFT's layers, depth-strided ones and 1-tap depths keep their algorithms."""
     assert engine.choose(_suite_geometry(name), np.dtype(np.float32)) != depthwinograd.NAME
 
 

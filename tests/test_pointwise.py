@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from volconv import engine
-from volconv.engine import pointwise
+from volconv.engine import _numba_runtime, pointwise
 from volconv.engine.reference import conv3d_reference
 
 CASES = {
@@ -99,16 +99,25 @@ def test_supports_only_depth_kernels_without_in_plane_padding():
     assert not pointwise.supports(geom((1, 1, 1), ((1, 1), z, z)))  # 1x1x1 with padding
 
 
-def test_chooser_takes_depth_kernels():
-    g = engine.conv_geometry(
-        (4, 144, 16, 56, 56),
-        (1, 64, 144, 3, 1, 1),
-        (1, 1, 1),
-        ((1, 1), (0, 0), (0, 0)),
-        (1, 1, 1),
-        1,
+def test_chooser_takes_depth_kernels(monkeypatch):
+    """Depth-only kernels are pointwise's GEMM family: their gradients always, their
+    forward where the depth transform does not take it (small planes, or no numba;
+    R(2+1)D's temporal layer, 56 x 56 planes, is depthwinograd's)."""
+    f32 = np.dtype(np.float32)
+    pads = ((1, 1), (0, 0), (0, 0))
+    small = engine.conv_geometry(
+        (4, 144, 16, 28, 28), (1, 64, 144, 3, 1, 1), (1,) * 3, pads, (1,) * 3, 1
     )
-    assert engine.choose(g, np.dtype(np.float32)) == "pointwise"
+    large = engine.conv_geometry(
+        (4, 144, 16, 56, 56), (1, 64, 144, 3, 1, 1), (1,) * 3, pads, (1,) * 3, 1
+    )
+    assert engine.choose(small, f32) == "pointwise"
+    for g in (small, large):
+        assert engine._weight_gradient_algorithm(g, f32) == "pointwise"
+    if _numba_runtime.numba_available():
+        assert engine.choose(large, f32) == "depthwinograd"
+    monkeypatch.setattr(_numba_runtime, "_HAVE_NUMBA", False)
+    assert engine.choose(large, f32) == "pointwise"
 
 
 def _last(a):

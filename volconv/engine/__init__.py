@@ -22,11 +22,11 @@ name               used for
 ``fft``            dense stride-1 layers with large kernels (5^3, 7^3) on volumes
                    several times their extent, with numba: overlap-save blocks; the
                    weight gradient only where ``fft.prefer(kind="weight")``
-``depthwinograd``  stems and first layers (depth stride 1, an in-plane reduction
-                   ``C*kh*kw >= 27``, planes too large to batch items), with numba:
-                   F(4, r) Winograd along depth over the in-plane unfolding (7 depth
-                   taps in 13 plane products per 4 output planes, not 28); forward
-                   only, its gradients are the GEMM family's
+``depthwinograd``  stems, first layers and depth-only (kd, 1, 1) layers (depth stride
+                   1, an in-plane reduction ``C*kh*kw >= 27``, planes too large to
+                   batch items), with numba: F(4, r) Winograd along depth over the
+                   in-plane unfolding (7 depth taps in 13 plane products per 4 output
+                   planes, not 28); forward only, its gradients are the GEMM family's
 ``hwunfold``       other dense layers whose in-plane unfolding gives BLAS a long
                    enough reduction (the stems' and first layers' gradients, the
                    1-channel first layer, tiny planes, depth-strided
@@ -36,7 +36,8 @@ name               used for
 ``tapgemm``        dense (groups=1) stride-1 layers with enough channels: one BLAS
                    GEMM per kernel tap on a shifted window, no unfolding
 ``pointwise``      1x1x1 kernels without padding and depth-only (kd, 1, 1) kernels
-                   without in-plane padding: GEMMs straight on x and y
+                   without in-plane padding (the forward of large planes excepted):
+                   GEMMs straight on x and y
 ``im2col``         everything else: unfolded slabs under the workspace cap, groups
                    as a batched-matmul axis; col2im for strided input gradients
 =================  =================================================================
@@ -165,8 +166,9 @@ def _preferred(geom: ConvGeometry, dtype: np.dtype) -> str:
     # Large kernels (5x5x5, 7x7x7) on volumes several times their extent.
     if fft.prefer(geom, dtype):
         return fft.NAME
-    # Stems and first layers (depth stride 1, few input channels): Winograd along depth
-    # over the in-plane unfolding, 2x (3 taps) / 2.15x (7 taps) fewer plane products.
+    # Stems, first layers, depth-only kernels (depth stride 1, large planes): Winograd
+    # along depth over the in-plane unfolding, 2x (3 taps) / 2.15x (7 taps) fewer plane
+    # products.
     if depthwinograd.prefer(geom, dtype):
         return depthwinograd.NAME
     return _preferred_gemm(geom)

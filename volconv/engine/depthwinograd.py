@@ -1,13 +1,14 @@
-"""Winograd along depth over the in-plane unfolding: the forward of stems and first layers.
+"""Winograd along depth over the in-plane unfolding: stems, first layers, depth-only layers.
 
 A stem (I3D's 7x7x7 and R3D's 3x7x7 at stride (1, 2, 2), three input channels) spends
 its forward in GEMMs that the in-plane unfolding (``hwunfold``) already runs near the
 machine's GEMM peak, and its in-plane stride leaves the plane no fast algorithm; a first
-layer (C3D's conv1a, 3 channels) has too few input channels for Winograd's 3-D tiles.
-Both have depth stride 1, and there a 1-D Winograd transform shares multiplications
-between neighbouring output planes. With ``(*)`` the in-plane (strided, dilated,
-padded) convolution of a plane -- one GEMM on the plane's unfolding -- a depth tile of
-``m`` output planes from ``z0`` is::
+layer (C3D's conv1a, 3 channels) has too few input channels for Winograd's 3-D tiles,
+and a depth-only (kd, 1, 1) layer (R(2+1)D's temporal one) has no in-plane taps at all
+(its "unfolding" is the plane itself, not copied). All have depth stride 1, and there a
+1-D Winograd transform shares multiplications between neighbouring output planes. With
+``(*)`` the in-plane (strided, dilated, padded) convolution of a plane -- one GEMM on the
+plane's unfolding -- a depth tile of ``m`` output planes from ``z0`` is::
 
     y[z0 + i] = sum_k W_k (*) x[z0 - lo + k + i]                       (i < m)
               = sum_a AT[i, a] (U_a (*) V_a),    U_a = sum_k G[a, k] W_k,
@@ -24,9 +25,10 @@ input (before the unfolding multiplies them by ``kh*kw``), ``U_a`` is computed o
 call from the small weight (in float64, rounded once), and the output combination is one
 pass over the products of a chunk.
 
-Measured (2 threads, interleaved in one process, forward ms, against the unfolding):
-R3D stem 46-49 vs 64-67, I3D stem 47-52 vs 64-69, C3D conv1a 36-39 vs 42-44; the
-suite run (3 rounds against PyTorch): I3D 1.09x -> 1.25x, R3D 1.28x -> 1.57x.
+Measured (2 threads, interleaved fresh processes, forward ms with the bias, against the
+unfolding): I3D stem 62-65 -> 43-45, R3D stem 64-67 -> 47-51, C3D conv1a 45-46 -> 36-41;
+against ``pointwise``'s per-tap GEMMs, R(2+1)D's depth-only 3x1x1 layer (144 channels:
+the "unfolding" is the plane itself) 84-87 -> 60.
 
 The transforms are Toom-Cook's from the points in :data:`POINTS` (0, +-1, 1/2, +-2 and
 infinity: every entry of ``AT`` and ``BT`` is exact in binary, checked when they are
@@ -222,17 +224,16 @@ def product_share(geom: ConvGeometry) -> float:
 
 
 def prefer(geom: ConvGeometry, dtype) -> bool:
-    """Whether the chooser takes the depth transform: stems and first layers (in-plane
-    kernels with a long enough reduction, :data:`MIN_PLANE_REDUCTION`) on planes too
-    large to batch items (``hwunfold._max_batch``), with enough output channels, saving
-    enough products (:data:`MAX_PRODUCT_SHARE`) and with both threads' scratch under
-    the cap."""
-    # Depth-only (kd, 1, 1) kernels stay ``pointwise``'s GEMMs on the arrays themselves:
-    # over their many input channels the depth transform is a pass of its own (R(2+1)D's
-    # temporal layer, 144 channels: 72-85 ms against 83-102, too close to route its
-    # gradients elsewhere).
+    """Whether the chooser takes the depth transform: a long enough in-plane reduction
+    (:data:`MIN_PLANE_REDUCTION`: stems, first layers, depth-only kernels over many
+    channels) on planes too large to batch items (``hwunfold._max_batch``), with enough
+    output channels, saving enough products (:data:`MAX_PRODUCT_SHARE`) and with both
+    threads' scratch under the cap. (R(2+1)D's temporal 3x1x1 layer, 144 -> 64
+    channels on 56 x 56 planes, fresh processes with its bias: forward 84-87 -> 60 ms
+    against ``pointwise``'s GEMMs, backward 184-192 -> 169-180 with its input gradient
+    the adjoint's depth transform too.)"""
     kh, kw = geom.kernel[1:]
-    if kh * kw == 1 or geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
+    if geom.O < MIN_OUTPUT_CHANNELS or not supports(geom):
         return False
     if geom.C * kh * kw < MIN_PLANE_REDUCTION or hwunfold._max_batch(geom) > 1:
         return False
