@@ -187,9 +187,10 @@ class _Plan:
         per_thread = geom.C * H * W + unfolding + self.most * geom.O * self.P
         # U, and the two float64 planes it is computed in
         weights = self.points * geom.O * self.K2 + 2 * geom.O * self.K2 * 8 // itemsize
-        self.tiles = [(n, z0) for n in range(geom.N) for z0 in range(0, Do, TILE)]
+        self.depth_tiles = -(-Do // TILE)
+        self.tiles = geom.N * self.depth_tiles  # the tasks: (item, depth tile)
         budget = config.workspace_bytes // itemsize - weights
-        self.threads = max(0, min(threads, len(self.tiles), budget // max(1, per_thread)))
+        self.threads = max(0, min(threads, self.tiles, budget // max(1, per_thread)))
         self.workspace = itemsize * (weights + self.threads * per_thread)
 
 
@@ -240,7 +241,7 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     plan = _plan(geom, np.dtype(dtype).itemsize)
     return (
         plan is not None
-        and plan.threads == min(engine_threads(), len(plan.tiles))
+        and plan.threads == min(engine_threads(), plan.tiles)
         and product_share(geom) <= MAX_PRODUCT_SHARE
     )
 
@@ -413,7 +414,8 @@ def forward(
     def work(task: int, ntasks: int) -> None:
         V, col, Mbuf = scratch()
         V2 = V.reshape(C, H * W)
-        for n, z0 in plan.tiles[task::ntasks]:
+        for tile in range(task, plan.tiles, ntasks):
+            n, z0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
             zz = min(TILE, Do - z0)
             a_first = 0  # the chunk's first point in U
             for ci, (k0, AT, BT) in enumerate(tables):
