@@ -16,7 +16,7 @@ import pytest
 import volconv
 from volconv import engine
 from volconv.bench import _suite
-from volconv.engine import depthwinograd, hwunfold
+from volconv.engine import depthwinograd, hwunfold, im2col
 from volconv.engine._args import conv_geometry
 from volconv.engine.reference import conv3d_reference
 
@@ -110,6 +110,44 @@ def test_forward_matches_the_reference(name, dtype, bias):
     np.testing.assert_array_equal(y_cl, y.transpose(0, 2, 3, 4, 1))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_input_gradient_matches_the_reference(name, dtype):
+    """``dx`` against float64 col2im, in NCDHW and NDHWC (its GEMMs take ``dy``
+    transposed there: the same sums to rounding)."""
+    geom = _geometry(name)
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal(geom.w_shape)
+    dy = rng.standard_normal(geom.out_shape)
+    ref = im2col.backward_input(dy, w, geom)
+    dx = depthwinograd.backward_input(dy.astype(dtype), w.astype(dtype), geom)
+    assert dx.dtype == dtype and dx.shape == geom.in_shape
+    eps = float(np.finfo(dtype).eps)
+    # |dy| (*)^T |w|: the magnitudes each dx sums
+    scale = float(np.abs(im2col.backward_input(np.abs(dy), np.abs(w), geom)).max())
+    assert np.abs(dx - ref).max() <= 4 * eps * np.sqrt(geom.O * geom.taps) * scale
+    dy_cl = np.ascontiguousarray(dy.astype(dtype).transpose(0, 2, 3, 4, 1))
+    dx_cl = depthwinograd.backward_input(dy_cl, w.astype(dtype), geom, channels_last=True)
+    assert dx_cl.shape == (geom.N, *geom.spatial_in, geom.C) and dx_cl.flags.c_contiguous
+    np.testing.assert_allclose(
+        dx_cl, dx.transpose(0, 2, 3, 4, 1), rtol=0, atol=16 * eps * np.abs(dx).max()
+    )
+
+
+def test_non_finite_gradient_goes_to_the_unfolding():
+    """An Inf in ``dy`` reaches ``dx`` as direct col2im gives it (the transform would
+    spread NaN over its tile)."""
+    geom = _stem(8)
+    assert engine._input_gradient_route(geom, np.dtype(np.float32))[0] == depthwinograd.NAME
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal(geom.w_shape).astype(np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    dy[0, 3, 2, 5, 5] = np.inf
+    dx = engine.conv3d_backward_input(dy, w, geom)
+    np.testing.assert_array_equal(dx, hwunfold.backward_input(dy, w[0], geom))
+    assert np.isinf(dx).any()
+
+
 def test_points_in_the_depth_padding_are_skipped(monkeypatch):
     """A tile whose chunk reads only depth padding takes no GEMM for those points (and
     the planes still get their bias)."""
@@ -135,16 +173,26 @@ def _suite_geometry(name):
     return conv_geometry(x_shape, w_shape, tuple(layer["stride"]), pads, (1, 1, 1), 1)
 
 
-@pytest.mark.parametrize("name", ["i3d_stem_7x7x7", "r3d18_stem_3x7x7", "c3d_conv1a"])
-def test_the_chooser_takes_it_for_stems_and_first_layers_keeping_their_gradients(name):
+@pytest.mark.parametrize(
+    "name,dx",
+    [
+        ("i3d_stem_7x7x7", "depthwinograd"),
+        ("r3d18_stem_3x7x7", "depthwinograd"),
+        ("c3d_conv1a", "hwunfold"),
+    ],
+)
+def test_the_chooser_takes_it_for_stems_and_first_layers(name, dx):
+    """Forward, and the input gradient where the in-plane reduction is long (the stems;
+    C3D conv1a's 27 keeps the unfolding's col2im); the weight gradient is the
+    unfolding's."""
     geom = _suite_geometry(name)
     f32 = np.dtype(np.float32)
     assert engine.choose(geom, f32) == depthwinograd.NAME
     assert depthwinograd.product_share(geom) <= 0.5
     assert geom.C * geom.kernel[1] * geom.kernel[2] >= depthwinograd.MIN_PLANE_REDUCTION
-    assert engine._input_gradient_route(geom, f32)[0] == hwunfold.NAME
+    assert engine._input_gradient_route(geom, f32) == (dx, False)
     assert engine._weight_gradient_algorithm(geom, f32) == hwunfold.NAME
-    # NDHWC is native: the forward writes it, the unfolding's gradients read it
+    # NDHWC is native: the forward and dx read and write it, the unfolding's dw reads it
     assert engine._native_layout(geom, f32) == depthwinograd.NAME
 
 
@@ -234,6 +282,15 @@ def test_module_forward_takes_it_end_to_end():
     ref = conv3d_reference(x.astype(np.float64), w64.reshape(geom.w_shape), geom)
     ref += m.bias.numpy().astype(np.float64).reshape(1, -1, 1, 1, 1)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # the input gradient through the tape: the depth transform's, against float64 col2im
+    assert engine._input_gradient_route(geom, np.dtype(np.float32))[0] == depthwinograd.NAME
+    xt = volconv.tensor(x)
+    gm = volconv.autodiff.GradManager().attach([xt])
+    dy = np.random.default_rng(4).standard_normal(geom.out_shape).astype(np.float32)
+    with gm:
+        gm.backward(m(xt), volconv.tensor(dy))
+    dx_ref = im2col.backward_input(dy.astype(np.float64), w64.reshape(geom.w_shape), geom)
+    np.testing.assert_allclose(xt.grad.numpy(), dx_ref, rtol=0, atol=1e-4 * np.abs(dx_ref).max())
 
 
 def test_threads_do_not_change_a_bit():
@@ -245,16 +302,18 @@ def test_threads_do_not_change_a_bit():
     rng = np.random.default_rng(5)
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     w = rng.standard_normal(geom.w_shape).astype(np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
     saved = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         assert depthwinograd._plan(geom, 4).threads == 1
-        one = depthwinograd.forward(x, w, geom)
+        one = depthwinograd.forward(x, w, geom), depthwinograd.backward_input(dy, w, geom)
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = depthwinograd.forward(x, w, geom)
+        two = depthwinograd.forward(x, w, geom), depthwinograd.backward_input(dy, w, geom)
     finally:
         numba.set_num_threads(saved)
-    np.testing.assert_array_equal(one, two)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_scratch_memory_is_what_the_plan_counts():
@@ -272,3 +331,7 @@ def test_scratch_memory_is_what_the_plan_counts():
     y_bytes = int(np.prod(geom.out_shape)) * 4
     used = scratch_bytes(lambda: depthwinograd.forward(x, w, geom), y_bytes)
     assert used <= depthwinograd.workspace_bytes(geom, 4) + (64 << 10)
+    dy = rng.standard_normal(geom.out_shape, dtype=np.float32)
+    depthwinograd.backward_input(dy, w, geom)
+    used = scratch_bytes(lambda: depthwinograd.backward_input(dy, w, geom), x.nbytes)
+    assert used <= depthwinograd._plan(geom, 4, kind="input").workspace + (64 << 10)

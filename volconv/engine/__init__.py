@@ -26,9 +26,10 @@ name               used for
                    1, an in-plane reduction ``C*kh*kw >= 27``, planes too large to
                    batch items), with numba: F(4, r) Winograd along depth over the
                    in-plane unfolding (7 depth taps in 13 plane products per 4 output
-                   planes, not 28); forward only, its gradients are the GEMM family's
+                   planes, not 28); the stems' input gradient too, the weight
+                   gradient the GEMM family's
 ``hwunfold``       other dense layers whose in-plane unfolding gives BLAS a long
-                   enough reduction (the stems' and first layers' gradients, the
+                   enough reduction (the stems' and first layers' dw, the
                    1-channel first layer, tiny planes, depth-strided
                    layers): H and W unfolded plane by plane, the depth taps stacked
                    into the GEMMs; with numba its slabs run whole on the engine's
@@ -299,7 +300,12 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
     if route == _ADJOINT:
         return conv3d_forward(dy, flip_weight(w), transposed_geometry(geom))
     if route == _AUTOTUNE:
-        candidates = {n: ALGORITHMS[n] for n in _with("backward_input") if _supports(n, geom)}
+        finite = _all_finite(dy) and _all_finite(w)
+        candidates = {
+            n: ALGORITHMS[n]
+            for n in _with("backward_input")
+            if _supports(n, geom) and (finite or not getattr(ALGORITHMS[n], "FINITE_ONLY", False))
+        }
         if polyphase.supports(geom):
             candidates[polyphase.NAME] = polyphase
         return _autotune.run(
@@ -310,6 +316,8 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
             lambda n: candidates[n].backward_input(dy, w, geom),
         )
     algorithm = polyphase if route == polyphase.NAME else ALGORITHMS[route]
+    if getattr(algorithm, "FINITE_ONLY", False) and not (_all_finite(dy) and _all_finite(w)):
+        algorithm = ALGORITHMS[_preferred_gemm(geom)]  # keep IEEE propagation of Inf/NaN
     gradient = getattr(algorithm, "backward_input", im2col.backward_input)
     with _blas.own_threads() if own_threads else contextlib.nullcontext():
         return gradient(dy, w, geom)
@@ -353,7 +361,12 @@ def _input_gradient_route(geom: ConvGeometry, dtype) -> tuple[str, bool]:
             return _ADJOINT, False
     if _autotune.active():
         return _AUTOTUNE, False
-    name = _gradient_pick(choose(geom, dtype), geom)
+    name = choose(geom, dtype)
+    # The stems: the depth transform's own input gradient (I3D 46-47 vs 73-78 ms, R3D
+    # 42-44 vs 80-82 for the unfolding's col2im); its other layers take the GEMM family's.
+    if name == depthwinograd.NAME and depthwinograd.prefer_input(geom, dtype):
+        return name, False
+    name = _gradient_pick(name, geom)
     # Strided dense layers (whose forward is a GEMM-family pick) with 16+ channels: phase
     # by phase, no col2im (strided_down_s2 83 vs 115 ms for the in-plane unfolding's
     # col2im; 32 -> 64 channels on 64^3, 40 vs 59; a 1x1x1 stride-2 shortcut 10 vs 19).
@@ -427,10 +440,11 @@ def _native_layout(geom: ConvGeometry, dtype) -> str | None:
         # the forward and for the weight gradient, which only pays where dy is not
         # transposed as well (strided_down_s2, whose dx is polyphase's and dw im2col's:
         # training step 338-380 ms against 331-342 through NCDHW).
-        # (The depth-Winograd forward writes NDHWC as it lies too; its gradients are the
-        # unfolding's.)
+        # (The depth transform reads and writes NDHWC as it lies too; its weight gradient
+        # is the unfolding's.)
         unfolding = _gradient_pick(name, geom)
-        if unfolding == hwunfold.NAME and _input_gradient_route(geom, dtype)[0] == unfolding:
+        input_route = _input_gradient_route(geom, dtype)[0]
+        if unfolding == hwunfold.NAME and input_route in (unfolding, name):
             if _weight_gradient_algorithm(geom, dtype) == unfolding:
                 return name
     return None
@@ -501,6 +515,10 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
         adjoint = transposed_geometry(geom)  # depthwise too, with the flipped kernel
         return depthwise.forward_channels_last(dy, flip_weight(w), adjoint)
     route, own_threads = _input_gradient_route(geom, dy.dtype)
+    if route == depthwinograd.NAME:
+        finite = _all_finite(dy) and _all_finite(w)
+        algorithm = depthwinograd if finite else hwunfold  # (FINITE_ONLY)
+        return algorithm.backward_input(dy, w, geom, channels_last=True)
     if route == hwunfold.NAME:
         with _blas.own_threads() if own_threads else contextlib.nullcontext():
             return hwunfold.backward_input(dy, w, geom, channels_last=True)

@@ -46,10 +46,16 @@ output planes in NCDHW or, with ``channels_last``, NDHWC. Points whose input pla
 lie in the depth padding are skipped. A tile's arithmetic is fixed by the geometry, so
 no result depends on the thread count.
 
+The input gradient (:func:`backward_input`) is the same transform on the adjoint: along
+depth ``dx`` is the stride-1 correlation of the ``dy`` planes with the flipped taps, so
+tiles of ``dx`` planes combine ``dy`` planes, each product (the in-plane adjoint's
+columns) is folded into ``C`` planes of its own, and ``AT`` combines those. The engine
+takes it for the stems (:func:`prefer_input`); the weight gradient is the GEMM family's
+(the unfolding's on the suite's layers), and so is the input gradient elsewhere.
+
 Non-finite data: a transform mixes the planes of a tile (an Inf becomes NaN in every
 output of its tile), so the engine takes the GEMM family for such inputs
-(``FINITE_ONLY``). The gradients are the GEMM family's (the engine routes them there:
-the unfolding's on the suite's layers).
+(``FINITE_ONLY``), in the forward and in the input gradient.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ import numpy as np
 from .. import config
 from . import hwunfold
 from ._args import ConvGeometry
-from ._blas import single_threaded_blas
+from ._blas import gemm_f, single_threaded_blas
 from ._layout import layout_shape
 from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
 
@@ -166,11 +172,15 @@ def _identity_unfolding(geom: ConvGeometry) -> bool:
 
 
 class _Plan:
-    """The depth chunks of a geometry and the threads' scratch sizes."""
+    """The depth chunks of a pass, its tasks and the threads' scratch sizes. ``kind`` is
+    ``"forward"`` (tiles of output planes, the products ``O x P``) or ``"input"`` (the
+    input gradient: tiles of input planes, the products unfolded ``K2 x P`` and folded
+    into ``C`` planes)."""
 
-    def __init__(self, geom: ConvGeometry, itemsize: int, threads: int):
+    def __init__(self, geom: ConvGeometry, itemsize: int, threads: int, kind: str):
         kd, kh, kw = geom.kernel
         Do, Ho, Wo = geom.spatial_out
+        D, H, W = geom.spatial_in
         self.P = Ho * Wo
         self.K2 = geom.C * kh * kw
         self.ld = hwunfold._leading_dim(self.P, itemsize)
@@ -181,31 +191,34 @@ class _Plan:
             k0 += r
         alphas = [AT.shape[1] for _, _, AT, _, _ in self.chunks]
         self.points, self.most = sum(alphas), max(alphas)  # all points, and a chunk's most
-        _, H, W = geom.spatial_in
-        # V_a (C planes), one unfolding, a chunk's products
         unfolding = 0 if _identity_unfolding(geom) else self.K2 * self.ld
-        per_thread = geom.C * H * W + unfolding + self.most * geom.O * self.P
+        if kind == "forward":  # V_a (C planes), one unfolding, a chunk's products
+            per_thread = geom.C * H * W + unfolding + self.most * geom.O * self.P
+        else:  # V_a (O planes of dy), one unfolding, a chunk's products folded
+            per_thread = geom.O * self.P + self.K2 * self.ld + self.most * geom.C * H * W
         # U, and the two float64 planes it is computed in
         weights = self.points * geom.O * self.K2 + 2 * geom.O * self.K2 * 8 // itemsize
-        self.depth_tiles = -(-Do // TILE)
+        self.depth_tiles = -(-(Do if kind == "forward" else D) // TILE)
         self.tiles = geom.N * self.depth_tiles  # the tasks: (item, depth tile)
         budget = config.workspace_bytes // itemsize - weights
         self.threads = max(0, min(threads, self.tiles, budget // max(1, per_thread)))
         self.workspace = itemsize * (weights + self.threads * per_thread)
 
 
-def _plan(geom: ConvGeometry, itemsize: int, threads: int | None = None) -> _Plan | None:
+def _plan(
+    geom: ConvGeometry, itemsize: int, threads: int | None = None, kind: str = "forward"
+) -> _Plan | None:
     """The plan, or None where not even one thread's scratch fits the cap."""
     if min(geom.N, geom.C, geom.O, *geom.spatial_out) == 0:
         return None
-    plan = _Plan(geom, itemsize, engine_threads() if threads is None else threads)
+    plan = _Plan(geom, itemsize, engine_threads() if threads is None else threads, kind)
     return plan if plan.threads > 0 else None
 
 
 def supports(geom: ConvGeometry) -> bool:
     """Dense kernels with >= 2 depth taps at depth stride and dilation 1 (any in-plane
     stride, dilation and padding), with numba, where one thread's scratch fits the cap
-    (planned for float64)."""
+    in the forward and in the input gradient (planned for float64)."""
     return (
         geom.G == 1
         and geom.kernel[0] >= 2
@@ -213,6 +226,7 @@ def supports(geom: ConvGeometry) -> bool:
         and geom.dilation[0] == 1
         and numba_available()
         and _plan(geom, 8, 1) is not None
+        and _plan(geom, 8, 1, "input") is not None
     )
 
 
@@ -244,6 +258,24 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
         and plan.threads == min(engine_threads(), plan.tiles)
         and product_share(geom) <= MAX_PRODUCT_SHARE
     )
+
+
+#: Shortest in-plane reduction for the input gradient (its GEMMs' columns ``C*kh*kw``):
+#: the stems' 147 won (2 threads, in one process, dx ms against the unfolding's: I3D
+#: 46-47 vs 73-78, R3D 42-44 vs 80-82), C3D conv1a's 27 did not (40 vs 39).
+MIN_INPUT_REDUCTION = 64
+
+
+def prefer_input(geom: ConvGeometry, dtype) -> bool:
+    """Whether the engine takes this algorithm's input gradient: where it takes its
+    forward (:func:`prefer`) with an in-plane reduction of at least
+    :data:`MIN_INPUT_REDUCTION`, and the input gradient's plan runs on all threads."""
+    if geom.C * geom.kernel[1] * geom.kernel[2] < MIN_INPUT_REDUCTION:
+        return False
+    if not prefer(geom, dtype):
+        return False
+    plan = _plan(geom, np.dtype(dtype).itemsize, kind="input")
+    return plan is not None and plan.threads == min(engine_threads(), plan.tiles)
 
 
 def workspace_bytes(geom: ConvGeometry, itemsize: int) -> int:
@@ -445,3 +477,79 @@ def forward(
     with single_threaded_blas():
         run_tasks(work, plan.threads)
     return y
+
+
+def backward_input(
+    dy: np.ndarray, w: np.ndarray, geom: ConvGeometry, channels_last: bool = False
+) -> np.ndarray:
+    """The input gradient, ``(N, C, D, H, W)`` from ``dy (N, O, Do, Ho, Wo)``; with
+    ``channels_last``, NDHWC from NDHWC (both read and written as they lie).
+
+    Along depth this is the stride-1 correlation of the ``dy`` planes with the flipped
+    taps (low padding ``kd - 1 - lo``), so the same F(4, r) applies to tiles of ``dx``
+    planes: ``V_a`` combines ``dy`` planes, ``U'_a`` the flipped taps, and each product
+    ``U'_a^T @ V_a`` (``C*kh*kw x P``, the in-plane adjoint's columns) is folded (the
+    unfolding's col2im) into ``C`` planes of its own, which ``AT`` then combines into
+    the tile's ``dx`` planes: the folds work on the few-channel side of a stem."""
+    dtype, cl = dy.dtype, channels_last
+    dy = np.ascontiguousarray(dy)
+    plan = _plan(geom, dy.itemsize, kind="input")
+    if plan is None:  # pragma: no cover - supports() rejects these
+        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    kernels = _kernels()
+    fold = hwunfold._kernels()["fold"]
+    O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
+    D, H, W = geom.spatial_in
+    Do = geom.spatial_out[0]
+    kh, sh, dh = geom.kernel[1], geom.stride[1], geom.dilation[1]
+    lo_adj = geom.kernel[0] - 1 - geom.pads[0][0]  # the adjoint's low depth padding
+    U = _transformed_weights(w.reshape(geom.w_shape)[..., ::-1, :, :], geom, plan, dtype)
+    dx = np.empty(layout_shape(geom.in_shape, cl), dtype=dtype)
+    dx4 = dx.reshape(geom.N, D, H * W, C) if cl else dx.reshape(geom.N, C, D, H * W)
+    # dy's planes for the depth transform: per channel (NCDHW) or whole (NDHWC)
+    dy4 = dy.reshape(geom.N, 1, Do, P * O) if cl else dy.reshape(geom.N, O, Do, P)
+    geo = hwunfold._geo(geom, 1)
+    band = geom.spatial_out[1] + ((kh - 1) * dh) // sh  # every phase row: one fold step
+    tables = [(k0, AT.astype(dtype), BT.astype(dtype)) for k0, _, AT, _, BT in plan.chunks]
+    no_bias = np.zeros(0, dtype=dtype)
+    local = threading.local()
+
+    def scratch():
+        if not hasattr(local, "V"):
+            local.V = np.empty(O * P, dtype=dtype)
+            local.col = np.empty((1, K2, ld), dtype=dtype)
+            local.F = np.empty((1, C, plan.most, H, W), dtype=dtype)
+        return local.V, local.col, local.F
+
+    def work(task: int, ntasks: int) -> None:
+        V, col, F = scratch()
+        V2 = V.reshape(dy4.shape[1], -1)
+        for tile in range(task, plan.tiles, ntasks):
+            n, d0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
+            zz = min(TILE, D - d0)
+            a_first = 0  # the chunk's first point in U'
+            for ci, (k0, AT, BT) in enumerate(tables):
+                A = len(BT)
+                used = np.zeros(A, dtype=np.bool_)
+                F[0, :, :A] = 0
+                for a in range(A):
+                    # V_a from the chunk's dy planes d0 - lo_adj + k0 + j
+                    if not kernels["point"](dy4, n, d0 - lo_adj + k0, BT[a], V2):
+                        continue
+                    used[a] = True
+                    # columns (K2 x P) = U'_a^T (K2 x O) @ V_a (O x P), then folded
+                    gemm_f(
+                        dtype, cl, True, P, K2, O,
+                        V.ctypes.data, O if cl else P,
+                        U[a_first + a].ctypes.data, K2,
+                        col.ctypes.data, ld,
+                        0.0,
+                    )  # fmt: skip
+                    fold(0, 1, F, col, 0, a, geo, band)
+                Fa = F[0, :, :A].reshape(C, A, H * W).transpose(1, 0, 2)  # (A, C, H*W)
+                kernels["combine"](Fa, used, AT, dx4, n, d0, zz, ci > 0, no_bias, cl)
+                a_first += A
+
+    with single_threaded_blas():
+        run_tasks(work, plan.threads)
+    return dx
