@@ -114,7 +114,7 @@ def test_forward_matches_the_reference(name, dtype, bias):
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_input_gradient_matches_the_reference(name, dtype):
     """``dx`` against float64 col2im, in NCDHW and NDHWC (its GEMMs take ``dy``
-    transposed there: the same sums to rounding)."""
+    transposed there: another rounding, held to the same bound)."""
     geom = _geometry(name)
     rng = np.random.default_rng(11)
     w = rng.standard_normal(geom.w_shape)
@@ -125,13 +125,62 @@ def test_input_gradient_matches_the_reference(name, dtype):
     eps = float(np.finfo(dtype).eps)
     # |dy| (*)^T |w|: the magnitudes each dx sums
     scale = float(np.abs(im2col.backward_input(np.abs(dy), np.abs(w), geom)).max())
-    assert np.abs(dx - ref).max() <= 4 * eps * np.sqrt(geom.O * geom.taps) * scale
+    bound = 4 * eps * np.sqrt(geom.O * geom.taps) * scale
+    assert np.abs(dx - ref).max() <= bound
     dy_cl = np.ascontiguousarray(dy.astype(dtype).transpose(0, 2, 3, 4, 1))
     dx_cl = depthwinograd.backward_input(dy_cl, w.astype(dtype), geom, channels_last=True)
     assert dx_cl.shape == (geom.N, *geom.spatial_in, geom.C) and dx_cl.flags.c_contiguous
-    np.testing.assert_allclose(
-        dx_cl, dx.transpose(0, 2, 3, 4, 1), rtol=0, atol=16 * eps * np.abs(dx).max()
-    )
+    assert np.abs(dx_cl.transpose(0, 4, 1, 2, 3) - ref).max() <= bound
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_weight_gradient_matches_the_reference(name, dtype):
+    """``dw`` against float64 im2col, from NCDHW and from NDHWC (its GEMMs take ``dy``
+    transposed there: another rounding, held to the same bound)."""
+    geom = _geometry(name)
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(geom.in_shape)
+    dy = rng.standard_normal(geom.out_shape)
+    ref = im2col.backward_weight(x, dy, geom)
+    dw = depthwinograd.backward_weight(x.astype(dtype), dy.astype(dtype), geom)
+    assert dw.dtype == dtype and dw.shape == geom.w_shape
+    eps = float(np.finfo(dtype).eps)
+    scale = float(np.abs(im2col.backward_weight(np.abs(x), np.abs(dy), geom)).max())
+    bound = 4 * eps * np.sqrt(geom.N * int(np.prod(geom.spatial_out))) * scale
+    assert np.abs(dw - ref).max() <= bound
+    last = [np.ascontiguousarray(a.astype(dtype).transpose(0, 2, 3, 4, 1)) for a in (x, dy)]
+    dw_cl = depthwinograd.backward_weight(*last, geom, channels_last=True)
+    assert dw_cl.shape == geom.w_shape
+    assert np.abs(dw_cl - ref).max() <= bound
+
+
+@pytest.mark.parametrize("partials", [1, 2])
+def test_weight_gradient_groups_accumulate_their_tiles(partials, monkeypatch):
+    """Fewer partial sums than tiles: each group accumulates several tiles' products
+    (the suite's stems have 8-16 tiles for 8 groups; the table's geometries one each)."""
+    geom = _geometry("i3d-like")
+    monkeypatch.setattr(depthwinograd, "WEIGHT_PARTIALS", partials)
+    plan = depthwinograd._plan(geom, 8, kind="weight")
+    assert plan.partials == partials and plan.tiles > partials
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal(geom.in_shape)
+    dy = rng.standard_normal(geom.out_shape)
+    ref = im2col.backward_weight(x, dy, geom)
+    np.testing.assert_allclose(depthwinograd.backward_weight(x, dy, geom), ref, rtol=0, atol=1e-10)
+
+
+def test_non_finite_weight_gradient_is_recomputed_exactly():
+    """An Inf in ``x`` makes the transform's ``dw`` non-finite; it is computed again by
+    the unfolding, whose IEEE propagation is exact."""
+    geom = _stem(8)
+    assert engine._weight_gradient_algorithm(geom, np.dtype(np.float32)) == depthwinograd.NAME
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(geom.in_shape).astype(np.float32)
+    dy = rng.standard_normal(geom.out_shape).astype(np.float32)
+    x[0, 2, 4, 30, 30] = np.inf
+    dw = engine.conv3d_backward_weight(x, dy, geom)
+    np.testing.assert_array_equal(dw, hwunfold.backward_weight(x, dy, geom).reshape(dw.shape))
 
 
 def test_non_finite_gradient_goes_to_the_unfolding():
@@ -181,18 +230,17 @@ def _suite_geometry(name):
         ("c3d_conv1a", "hwunfold"),
     ],
 )
-def test_the_chooser_takes_it_for_stems_and_first_layers(name, dx):
-    """Forward, and the input gradient where the in-plane reduction is long (the stems;
-    C3D conv1a's 27 keeps the unfolding's col2im); the weight gradient is the
-    unfolding's."""
+def test_the_chooser_takes_it_for_stems_and_first_layers(name, dx):  # dx: both gradients
+    """Forward, and both gradients where the in-plane reduction is long (the stems; C3D
+    conv1a's 27 keeps the unfolding's gradients)."""
     geom = _suite_geometry(name)
     f32 = np.dtype(np.float32)
     assert engine.choose(geom, f32) == depthwinograd.NAME
     assert depthwinograd.product_share(geom) <= 0.5
     assert geom.C * geom.kernel[1] * geom.kernel[2] >= depthwinograd.MIN_PLANE_REDUCTION
     assert engine._input_gradient_route(geom, f32) == (dx, False)
-    assert engine._weight_gradient_algorithm(geom, f32) == hwunfold.NAME
-    # NDHWC is native: the forward and dx read and write it, the unfolding's dw reads it
+    assert engine._weight_gradient_algorithm(geom, f32) == dx
+    # NDHWC is native: every pass reads and writes it as it lies
     assert engine._native_layout(geom, f32) == depthwinograd.NAME
 
 
@@ -285,12 +333,15 @@ def test_module_forward_takes_it_end_to_end():
     # the input gradient through the tape: the depth transform's, against float64 col2im
     assert engine._input_gradient_route(geom, np.dtype(np.float32))[0] == depthwinograd.NAME
     xt = volconv.tensor(x)
-    gm = volconv.autodiff.GradManager().attach([xt])
+    gm = volconv.autodiff.GradManager().attach([xt, m.weight])
     dy = np.random.default_rng(4).standard_normal(geom.out_shape).astype(np.float32)
     with gm:
         gm.backward(m(xt), volconv.tensor(dy))
     dx_ref = im2col.backward_input(dy.astype(np.float64), w64.reshape(geom.w_shape), geom)
     np.testing.assert_allclose(xt.grad.numpy(), dx_ref, rtol=0, atol=1e-4 * np.abs(dx_ref).max())
+    dw_ref = im2col.backward_weight(x.astype(np.float64), dy.astype(np.float64), geom)
+    dw = m.weight.grad.numpy().reshape(dw_ref.shape)
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-4 * np.abs(dw_ref).max())
 
 
 def test_threads_do_not_change_a_bit():
@@ -307,9 +358,14 @@ def test_threads_do_not_change_a_bit():
     try:
         numba.set_num_threads(1)
         assert depthwinograd._plan(geom, 4).threads == 1
-        one = depthwinograd.forward(x, w, geom), depthwinograd.backward_input(dy, w, geom)
+        passes = (
+            lambda: depthwinograd.forward(x, w, geom),
+            lambda: depthwinograd.backward_input(dy, w, geom),
+            lambda: depthwinograd.backward_weight(x, dy, geom),
+        )
+        one = [p() for p in passes]
         numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = depthwinograd.forward(x, w, geom), depthwinograd.backward_input(dy, w, geom)
+        two = [p() for p in passes]
     finally:
         numba.set_num_threads(saved)
     for a, b in zip(one, two, strict=True):
@@ -335,3 +391,6 @@ def test_scratch_memory_is_what_the_plan_counts():
     depthwinograd.backward_input(dy, w, geom)
     used = scratch_bytes(lambda: depthwinograd.backward_input(dy, w, geom), x.nbytes)
     assert used <= depthwinograd._plan(geom, 4, kind="input").workspace + (64 << 10)
+    depthwinograd.backward_weight(x, dy, geom)
+    used = scratch_bytes(lambda: depthwinograd.backward_weight(x, dy, geom), w.nbytes)
+    assert used <= depthwinograd._plan(geom, 4, kind="weight").workspace + (64 << 10)

@@ -26,10 +26,10 @@ name               used for
                    1, an in-plane reduction ``C*kh*kw >= 27``, planes too large to
                    batch items), with numba: F(4, r) Winograd along depth over the
                    in-plane unfolding (7 depth taps in 13 plane products per 4 output
-                   planes, not 28); the stems' input gradient too, the weight
-                   gradient the GEMM family's
+                   planes, not 28); the stems' gradients too, the others' the GEMM
+                   family's
 ``hwunfold``       other dense layers whose in-plane unfolding gives BLAS a long
-                   enough reduction (the stems' and first layers' dw, the
+                   enough reduction (the first layers' gradients, the
                    1-channel first layer, tiny planes, depth-strided
                    layers): H and W unfolded plane by plane, the depth taps stacked
                    into the GEMMs; with numba its slabs run whole on the engine's
@@ -403,7 +403,12 @@ def conv3d_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) ->
 def _weight_gradient_algorithm(geom: ConvGeometry, dtype) -> str:
     """The algorithm whose ``backward_weight`` :func:`conv3d_backward_weight` calls (not
     autotuned)."""
-    name = _gradient_pick(choose(geom, dtype), geom)
+    name = choose(geom, dtype)
+    # The stems: the depth transform's own weight gradient (I3D 53-56 vs 74-80 ms, R3D
+    # 49-54 vs 78-82 for the unfolding's).
+    if name == depthwinograd.NAME and depthwinograd.prefer_weight(geom, dtype):
+        return name
+    name = _gradient_pick(name, geom)
     # The weight gradient's best GEMM differs from the forward's: the in-plane unfolding
     # won on every dense suite layer where it fits (vnet 276 vs 414 ms for per-tap GEMM,
     # c3d_conv3a 95 vs 137, dilated_d2 162 vs 241).
@@ -440,12 +445,12 @@ def _native_layout(geom: ConvGeometry, dtype) -> str | None:
         # the forward and for the weight gradient, which only pays where dy is not
         # transposed as well (strided_down_s2, whose dx is polyphase's and dw im2col's:
         # training step 338-380 ms against 331-342 through NCDHW).
-        # (The depth transform reads and writes NDHWC as it lies too; its weight gradient
-        # is the unfolding's.)
+        # (The depth transform reads and writes NDHWC as it lies too; where its gradients
+        # are not its own they are the unfolding's.)
         unfolding = _gradient_pick(name, geom)
         input_route = _input_gradient_route(geom, dtype)[0]
         if unfolding == hwunfold.NAME and input_route in (unfolding, name):
-            if _weight_gradient_algorithm(geom, dtype) == unfolding:
+            if _weight_gradient_algorithm(geom, dtype) in (unfolding, name):
                 return name
     return None
 
@@ -541,6 +546,8 @@ def ndhwc_backward_weight(x: np.ndarray, dy: np.ndarray, geom: ConvGeometry) -> 
     name = _weight_gradient_algorithm(geom, x.dtype)
     if name == winograd.NAME:
         return winograd.backward_weight(x, dy, geom, channels_last=True)
+    if name == depthwinograd.NAME:
+        return depthwinograd.backward_weight(x, dy, geom, channels_last=True)
     if name == hwunfold.NAME:
         return hwunfold.backward_weight(x, dy, geom, channels_last=True)
     xc, dyc = transpose_channels(x, to_last=False), transpose_channels(dy, to_last=False)

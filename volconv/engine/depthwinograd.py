@@ -49,9 +49,12 @@ no result depends on the thread count.
 The input gradient (:func:`backward_input`) is the same transform on the adjoint: along
 depth ``dx`` is the stride-1 correlation of the ``dy`` planes with the flipped taps, so
 tiles of ``dx`` planes combine ``dy`` planes, each product (the in-plane adjoint's
-columns) is folded into ``C`` planes of its own, and ``AT`` combines those. The engine
-takes it for the stems (:func:`prefer_input`); the weight gradient is the GEMM family's
-(the unfolding's on the suite's layers), and so is the input gradient elsewhere.
+columns) is folded into ``C`` planes of its own, and ``AT`` combines those. The weight
+gradient (:func:`backward_weight`) is the adjoint of the forward's identity: ``Mw_a +=
+DY_a @ unfold(V_a)^T`` with ``DY_a`` combining ``dy`` planes by ``A = AT^T``, then ``dw_k
+= sum_a G[a, k] Mw_a``. The engine takes both for the stems (:func:`prefer_input`,
+:func:`prefer_weight`: long in-plane reductions); elsewhere the gradients are the GEMM
+family's (C3D conv1a's the unfolding's, R(2+1)D's temporal layer's ``pointwise``'s).
 
 Non-finite data: a transform mixes the planes of a tile (an Inf becomes NaN in every
 output of its tile), so the engine takes the GEMM family for such inputs
@@ -69,8 +72,14 @@ from .. import config
 from . import hwunfold
 from ._args import ConvGeometry
 from ._blas import gemm_f, single_threaded_blas
-from ._layout import layout_shape
-from ._numba_runtime import compile_once, engine_threads, numba_available, run_tasks
+from ._layout import layout_shape, transpose_channels
+from ._numba_runtime import (
+    compile_once,
+    engine_threads,
+    numba_available,
+    run_shares,
+    run_tasks,
+)
 
 NAME = "depthwinograd"
 FINITE_ONLY = True
@@ -173,9 +182,10 @@ def _identity_unfolding(geom: ConvGeometry) -> bool:
 
 class _Plan:
     """The depth chunks of a pass, its tasks and the threads' scratch sizes. ``kind`` is
-    ``"forward"`` (tiles of output planes, the products ``O x P``) or ``"input"`` (the
+    ``"forward"`` (tiles of output planes, the products ``O x P``), ``"input"`` (the
     input gradient: tiles of input planes, the products unfolded ``K2 x P`` and folded
-    into ``C`` planes)."""
+    into ``C`` planes) or ``"weight"`` (tiles of output planes in ``partials`` fixed
+    groups, each accumulating its own ``Mw (points, O, K2)``)."""
 
     def __init__(self, geom: ConvGeometry, itemsize: int, threads: int, kind: str):
         kd, kh, kw = geom.kernel
@@ -192,13 +202,19 @@ class _Plan:
         alphas = [AT.shape[1] for _, _, AT, _, _ in self.chunks]
         self.points, self.most = sum(alphas), max(alphas)  # all points, and a chunk's most
         unfolding = 0 if _identity_unfolding(geom) else self.K2 * self.ld
+        transformed = self.points * geom.O * self.K2  # U (or the weight gradient's Mw)
         if kind == "forward":  # V_a (C planes), one unfolding, a chunk's products
             per_thread = geom.C * H * W + unfolding + self.most * geom.O * self.P
-        else:  # V_a (O planes of dy), one unfolding, a chunk's products folded
+        elif kind == "input":  # V_a (O planes of dy), one unfolding, a chunk's products folded
             per_thread = geom.O * self.P + self.K2 * self.ld + self.most * geom.C * H * W
-        # U, and the two float64 planes it is computed in
-        weights = self.points * geom.O * self.K2 + 2 * geom.O * self.K2 * 8 // itemsize
-        self.depth_tiles = -(-(Do if kind == "forward" else D) // TILE)
+        else:  # "weight": V_a, its unfolding, DY_a; Mw per partial sum, then float64
+            per_thread = geom.C * H * W + unfolding + geom.O * self.P
+        if kind == "weight":
+            self.partials = min(WEIGHT_PARTIALS, geom.N * -(-Do // TILE))
+            weights = self.partials * transformed + 2 * transformed * 8 // itemsize
+        else:  # U, and the two float64 planes it is computed in
+            weights = transformed + 2 * geom.O * self.K2 * 8 // itemsize
+        self.depth_tiles = -(-(D if kind == "input" else Do) // TILE)
         self.tiles = geom.N * self.depth_tiles  # the tasks: (item, depth tile)
         budget = config.workspace_bytes // itemsize - weights
         self.threads = max(0, min(threads, self.tiles, budget // max(1, per_thread)))
@@ -227,6 +243,7 @@ def supports(geom: ConvGeometry) -> bool:
         and numba_available()
         and _plan(geom, 8, 1) is not None
         and _plan(geom, 8, 1, "input") is not None
+        and _plan(geom, 8, 1, "weight") is not None
     )
 
 
@@ -260,6 +277,14 @@ def prefer(geom: ConvGeometry, dtype) -> bool:
     )
 
 
+#: Shortest in-plane reduction for the weight gradient: the stems' 147 won (2 threads, in
+#: one process, dw ms against the unfolding's: I3D 53-56 vs 74-80, R3D 49-54 vs 78-82),
+#: C3D conv1a's 27 lost (37-38 vs 33-34).
+MIN_WEIGHT_REDUCTION = 64
+#: Partial sums of the weight gradient: tile ``t`` of ``T`` goes to group ``t * P // T``
+#: whatever the thread count, and the groups are summed in order (as ``hwunfold``'s).
+WEIGHT_PARTIALS = 8
+
 #: Shortest in-plane reduction for the input gradient (its GEMMs' columns ``C*kh*kw``):
 #: the stems' 147 won (2 threads, in one process, dx ms against the unfolding's: I3D
 #: 46-47 vs 73-78, R3D 42-44 vs 80-82), C3D conv1a's 27 did not (40 vs 39).
@@ -275,6 +300,21 @@ def prefer_input(geom: ConvGeometry, dtype) -> bool:
     if not prefer(geom, dtype):
         return False
     plan = _plan(geom, np.dtype(dtype).itemsize, kind="input")
+    return plan is not None and plan.threads == min(engine_threads(), plan.tiles)
+
+
+def prefer_weight(geom: ConvGeometry, dtype) -> bool:
+    """Whether the engine takes this algorithm's weight gradient: where it takes its
+    forward (:func:`prefer`), the in-plane reduction is at least
+    :data:`MIN_WEIGHT_REDUCTION` (in-plane taps too) and the plan runs on all threads."""
+    kh, kw = geom.kernel[1:]
+    # depth-only kernels keep ``pointwise``'s GEMMs on the arrays (R(2+1)D's temporal
+    # layer: 87-90 ms against 86-96, even)
+    if geom.C * kh * kw < MIN_WEIGHT_REDUCTION or kh * kw == 1:
+        return False
+    if not prefer(geom, dtype):
+        return False
+    plan = _plan(geom, np.dtype(dtype).itemsize, kind="weight")
     return plan is not None and plan.threads == min(engine_threads(), plan.tiles)
 
 
@@ -553,3 +593,96 @@ def backward_input(
     with single_threaded_blas():
         run_tasks(work, plan.threads)
     return dx
+
+
+def backward_weight(
+    x: np.ndarray, dy: np.ndarray, geom: ConvGeometry, channels_last: bool = False
+) -> np.ndarray:
+    """The weight gradient, ``geom.w_shape``; with ``channels_last``, from NDHWC ``x``
+    and ``dy`` (``x`` is transposed in, as the unfolding reads NCDHW; ``dy`` is read as
+    it lies).
+
+    The adjoint of the forward's identity: per depth tile, chunk and point ``a``,
+    ``Mw_a += DY_a @ unfold(V_a)^T`` with ``DY_a = sum_i AT[i, a] dy[z0 + i]`` and
+    ``V_a`` the forward's, and at the end ``dw_k = sum_a G[a, k] Mw_a`` (in float64).
+    The tiles go to :data:`WEIGHT_PARTIALS` fixed groups, each with its own ``Mw``,
+    summed in order. A non-finite result (an Inf/NaN in the data, or a float32
+    overflow in a transform) is computed again by the unfolding, which propagates
+    Inf/NaN exactly (as Winograd's weight gradient does).
+    """
+    x = hwunfold._input_side(x, channels_last)
+    dtype, cl = x.dtype, channels_last
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    plan = _plan(geom, x.itemsize, kind="weight")
+    if plan is None:  # pragma: no cover - supports() rejects these
+        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    kernels = _kernels()
+    unfold = hwunfold._kernels()["unfold"]
+    O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
+    D, H, W = geom.spatial_in
+    Do, Ho = geom.spatial_out[:2]
+    lo = geom.pads[0][0]
+    x4 = x.reshape(geom.N, C, D, H * W)
+    dy4 = dy.reshape(geom.N, 1, Do, P * O) if cl else dy.reshape(geom.N, O, Do, P)
+    geo = hwunfold._geo(geom, 1)
+    identity = _identity_unfolding(geom)
+    # per chunk: its first point, BT, and A (= AT^T: the coefficients of dy's planes)
+    tables, a_first = [], 0
+    for k0, _, AT, _, BT in plan.chunks:
+        tables.append((k0, a_first, BT.astype(dtype), np.ascontiguousarray(AT.T, dtype=dtype)))
+        a_first += BT.shape[0]
+    Mw = np.zeros((plan.partials, plan.points, O, K2), dtype=dtype)
+    local = threading.local()
+
+    def scratch():
+        if not hasattr(local, "V"):
+            local.V = np.empty((1, C, 1, H, W), dtype=dtype)
+            local.col = np.empty((1, K2, 0 if identity else ld), dtype=dtype)
+            local.DY = np.empty(O * P, dtype=dtype)
+        return local.V, local.col, local.DY
+
+    def work(g0: int, g1: int) -> None:
+        V, col, DY = scratch()
+        V2, DY2 = V.reshape(C, H * W), DY.reshape(dy4.shape[1], -1)
+        for g in range(g0, g1):
+            for tile in range(
+                g * plan.tiles // plan.partials, (g + 1) * plan.tiles // plan.partials
+            ):
+                n, z0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
+                for k0, first, BT, A in tables:
+                    for a in range(BT.shape[0]):
+                        # DY_a from the tile's dy planes z0 + i, V_a as in the forward
+                        if not kernels["point"](dy4, n, z0, A[a], DY2):
+                            continue
+                        if not kernels["point"](x4, n, z0 - lo + k0, BT[a], V2):
+                            continue
+                        if identity:
+                            src, lds = V.ctypes.data, P
+                        else:
+                            unfold(0, 1, V, col, 0, 0, geo, Ho)
+                            src, lds = col.ctypes.data, ld
+                        # Mw_a (O x K2) += DY_a (O x P) @ unfold(V_a)^T (P x K2)
+                        gemm_f(
+                            dtype, True, cl, K2, O, P,
+                            src, lds,
+                            DY.ctypes.data, O if cl else P,
+                            Mw[g, first + a].ctypes.data, K2,
+                            1.0,
+                        )  # fmt: skip
+
+    with single_threaded_blas():
+        run_shares(work, plan.partials, plan.threads)
+    dw = np.empty((O, C, geom.kernel[0], K2 // C), dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # (non-finite: recomputed below)
+        total = Mw.sum(axis=0, dtype=np.float64)  # the groups in order
+        for (k0, r, _, G, _), (_, first, _, _) in zip(plan.chunks, tables, strict=True):
+            for k in range(r):  # dw_k = sum_a G[a, k] Mw_a
+                part = np.tensordot(G[:, k], total[first : first + G.shape[0]], axes=1)
+                dw[:, :, k0 + k] = part.reshape(O, C, -1)
+        dw = dw.astype(dtype).reshape(geom.w_shape)
+    if not np.isfinite(dw).all():
+        if cl:
+            x = np.ascontiguousarray(x)  # (NCDHW already)
+            dy = transpose_channels(dy, to_last=False)
+        return hwunfold.backward_weight(x, dy, geom)
+    return dw
