@@ -220,6 +220,19 @@ class _Plan:
         self.threads = max(0, min(threads, self.tiles, budget // max(1, per_thread)))
         self.workspace = itemsize * (weights + self.threads * per_thread)
 
+    def tables(self, dtype) -> list:
+        """``(k0, first, AT, BT)`` per chunk: its first tap, the index of its first point
+        among all points (in ``U`` / ``Mw``), and its transforms in ``dtype``."""
+        out, first = [], 0
+        for k0, _, AT, _, BT in self.chunks:
+            out.append((k0, first, AT.astype(dtype), BT.astype(dtype)))
+            first += BT.shape[0]
+        return out
+
+    def tile(self, t: int) -> tuple[int, int]:
+        """Task ``t``: its batch item and first depth plane."""
+        return t // self.depth_tiles, t % self.depth_tiles * TILE
+
 
 def _plan(
     geom: ConvGeometry, itemsize: int, threads: int | None = None, kind: str = "forward"
@@ -229,6 +242,14 @@ def _plan(
         return None
     plan = _Plan(geom, itemsize, engine_threads() if threads is None else threads, kind)
     return plan if plan.threads > 0 else None
+
+
+def _plan_or_raise(geom: ConvGeometry, itemsize: int, kind: str = "forward") -> _Plan:
+    """:func:`_plan` on the engine's threads, raising where it is None."""
+    plan = _plan(geom, itemsize, kind=kind)
+    if plan is None:
+        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    return plan
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -320,10 +341,7 @@ def prefer_weight(geom: ConvGeometry, dtype) -> bool:
 
 def workspace_bytes(geom: ConvGeometry, itemsize: int) -> int:
     """Bytes the forward allocates besides its input, weight and output."""
-    plan = _plan(geom, itemsize)
-    if plan is None:
-        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
-    return plan.workspace
+    return _plan_or_raise(geom, itemsize).workspace
 
 
 # ----------------------------------------------------------------- kernels (numba)
@@ -457,9 +475,7 @@ def forward(
     NCDHW; the output is written as it lies)."""
     x = hwunfold._input_side(x, channels_last)
     dtype, cl = x.dtype, channels_last
-    plan = _plan(geom, x.itemsize)
-    if plan is None:  # pragma: no cover - supports() rejects these
-        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    plan = _plan_or_raise(geom, x.itemsize)  # (supports() rejects geometries it fails)
     kernels = _kernels()
     unfold = hwunfold._kernels()["unfold"]
     O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
@@ -472,7 +488,7 @@ def forward(
     x4 = x.reshape(geom.N, C, geom.spatial_in[0], H * W)
     b = np.zeros(0, dtype=dtype) if bias is None else np.asarray(bias, dtype=dtype).reshape(O)
     geo = hwunfold._geo(geom, 1)
-    tables = [(k0, AT.astype(dtype), BT.astype(dtype)) for k0, _, AT, _, BT in plan.chunks]
+    tables = plan.tables(dtype)
     identity = _identity_unfolding(geom)
     local = threading.local()
 
@@ -487,10 +503,9 @@ def forward(
         V, col, Mbuf = scratch()
         V2 = V.reshape(C, H * W)
         for tile in range(task, plan.tiles, ntasks):
-            n, z0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
+            n, z0 = plan.tile(tile)
             zz = min(TILE, Do - z0)
-            a_first = 0  # the chunk's first point in U
-            for ci, (k0, AT, BT) in enumerate(tables):
+            for ci, (k0, first, AT, BT) in enumerate(tables):
                 A = len(BT)
                 used = np.zeros(A, dtype=np.bool_)
                 for a in range(A):
@@ -507,12 +522,11 @@ def forward(
                     hwunfold._gemm_out(
                         dtype, False, P, O, K2,
                         src, lds,
-                        U[a_first + a].ctypes.data, K2,
+                        U[first + a].ctypes.data, K2,
                         Mbuf[a].ctypes.data, P,
                         0.0,
                     )  # fmt: skip
                 kernels["combine"](Mbuf[:A], used, AT, y4, n, z0, zz, ci > 0, b, cl)
-                a_first += A
 
     with single_threaded_blas():
         run_tasks(work, plan.threads)
@@ -533,9 +547,7 @@ def backward_input(
     the tile's ``dx`` planes: the folds work on the few-channel side of a stem."""
     dtype, cl = dy.dtype, channels_last
     dy = np.ascontiguousarray(dy)
-    plan = _plan(geom, dy.itemsize, kind="input")
-    if plan is None:  # pragma: no cover - supports() rejects these
-        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    plan = _plan_or_raise(geom, dy.itemsize, "input")
     kernels = _kernels()
     fold = hwunfold._kernels()["fold"]
     O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
@@ -550,7 +562,7 @@ def backward_input(
     dy4 = dy.reshape(geom.N, 1, Do, P * O) if cl else dy.reshape(geom.N, O, Do, P)
     geo = hwunfold._geo(geom, 1)
     band = geom.spatial_out[1] + ((kh - 1) * dh) // sh  # every phase row: one fold step
-    tables = [(k0, AT.astype(dtype), BT.astype(dtype)) for k0, _, AT, _, BT in plan.chunks]
+    tables = plan.tables(dtype)
     no_bias = np.zeros(0, dtype=dtype)
     local = threading.local()
 
@@ -565,10 +577,9 @@ def backward_input(
         V, col, F = scratch()
         V2 = V.reshape(dy4.shape[1], -1)
         for tile in range(task, plan.tiles, ntasks):
-            n, d0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
+            n, d0 = plan.tile(tile)
             zz = min(TILE, D - d0)
-            a_first = 0  # the chunk's first point in U'
-            for ci, (k0, AT, BT) in enumerate(tables):
+            for ci, (k0, first, AT, BT) in enumerate(tables):
                 A = len(BT)
                 used = np.zeros(A, dtype=np.bool_)
                 F[0, :, :A] = 0
@@ -581,14 +592,13 @@ def backward_input(
                     gemm_f(
                         dtype, cl, True, P, K2, O,
                         V.ctypes.data, O if cl else P,
-                        U[a_first + a].ctypes.data, K2,
+                        U[first + a].ctypes.data, K2,
                         col.ctypes.data, ld,
                         0.0,
                     )  # fmt: skip
                     fold(0, 1, F, col, 0, a, geo, band)
                 Fa = F[0, :, :A].reshape(C, A, H * W).transpose(1, 0, 2)  # (A, C, H*W)
                 kernels["combine"](Fa, used, AT, dx4, n, d0, zz, ci > 0, no_bias, cl)
-                a_first += A
 
     with single_threaded_blas():
         run_tasks(work, plan.threads)
@@ -613,9 +623,7 @@ def backward_weight(
     x = hwunfold._input_side(x, channels_last)
     dtype, cl = x.dtype, channels_last
     dy = np.ascontiguousarray(dy, dtype=dtype)
-    plan = _plan(geom, x.itemsize, kind="weight")
-    if plan is None:  # pragma: no cover - supports() rejects these
-        raise ValueError("depthwinograd: the workspace cap cannot hold one thread's scratch")
+    plan = _plan_or_raise(geom, x.itemsize, "weight")
     kernels = _kernels()
     unfold = hwunfold._kernels()["unfold"]
     O, C, P, K2, ld = geom.O, geom.C, plan.P, plan.K2, plan.ld
@@ -627,10 +635,9 @@ def backward_weight(
     geo = hwunfold._geo(geom, 1)
     identity = _identity_unfolding(geom)
     # per chunk: its first point, BT, and A (= AT^T: the coefficients of dy's planes)
-    tables, a_first = [], 0
-    for k0, _, AT, _, BT in plan.chunks:
-        tables.append((k0, a_first, BT.astype(dtype), np.ascontiguousarray(AT.T, dtype=dtype)))
-        a_first += BT.shape[0]
+    tables = [
+        (k0, first, BT, np.ascontiguousarray(AT.T)) for k0, first, AT, BT in plan.tables(dtype)
+    ]
     Mw = np.zeros((plan.partials, plan.points, O, K2), dtype=dtype)
     local = threading.local()
 
@@ -648,7 +655,7 @@ def backward_weight(
             for tile in range(
                 g * plan.tiles // plan.partials, (g + 1) * plan.tiles // plan.partials
             ):
-                n, z0 = tile // plan.depth_tiles, tile % plan.depth_tiles * TILE
+                n, z0 = plan.tile(tile)
                 for k0, first, BT, A in tables:
                     for a in range(BT.shape[0]):
                         # DY_a from the tile's dy planes z0 + i, V_a as in the forward
@@ -681,8 +688,7 @@ def backward_weight(
                 dw[:, :, k0 + k] = part.reshape(O, C, -1)
         dw = dw.astype(dtype).reshape(geom.w_shape)
     if not np.isfinite(dw).all():
-        if cl:
-            x = np.ascontiguousarray(x)  # (NCDHW already)
+        if cl:  # (x is NCDHW already)
             dy = transpose_channels(dy, to_last=False)
         return hwunfold.backward_weight(x, dy, geom)
     return dw
