@@ -267,6 +267,15 @@ def _all_finite(a: np.ndarray) -> bool:
         return bool(np.isfinite(np.add.reduce(a, axis=None)))
 
 
+def _finite_or(algorithm, fallback, *arrays: np.ndarray):
+    """``algorithm``, or ``fallback`` where ``algorithm`` is ``FINITE_ONLY`` and one of
+    ``arrays`` holds an Inf/NaN (its transforms would spread them over a tile; the
+    GEMM family propagates them exactly)."""
+    if getattr(algorithm, "FINITE_ONLY", False) and not all(map(_all_finite, arrays)):
+        return fallback
+    return algorithm
+
+
 def transposed_geometry(geom: ConvGeometry) -> ConvGeometry:
     """The stride-1 forward convolution that computes ``dx`` from ``dy``."""
     assert geom.stride == (1, 1, 1)
@@ -316,8 +325,7 @@ def conv3d_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> 
             lambda n: candidates[n].backward_input(dy, w, geom),
         )
     algorithm = polyphase if route == polyphase.NAME else ALGORITHMS[route]
-    if getattr(algorithm, "FINITE_ONLY", False) and not (_all_finite(dy) and _all_finite(w)):
-        algorithm = ALGORITHMS[_preferred_gemm(geom)]  # keep IEEE propagation of Inf/NaN
+    algorithm = _finite_or(algorithm, ALGORITHMS[_preferred_gemm(geom)], dy, w)
     gradient = getattr(algorithm, "backward_input", im2col.backward_input)
     with _blas.own_threads() if own_threads else contextlib.nullcontext():
         return gradient(dy, w, geom)
@@ -498,8 +506,7 @@ def ndhwc_forward(
     if native == hwunfold.NAME:
         return hwunfold.forward(x, w, geom, bias=bias, channels_last=True)
     if native == depthwinograd.NAME:
-        finite = _all_finite(x) and _all_finite(w)
-        algorithm = depthwinograd if finite else hwunfold  # (FINITE_ONLY)
+        algorithm = _finite_or(depthwinograd, hwunfold, x, w)
         return algorithm.forward(x, w, geom, bias=bias, channels_last=True)
     if _all_finite(x) and _all_finite(w):
         return winograd.forward(x, w, geom, bias=bias, channels_last=True)
@@ -521,8 +528,7 @@ def ndhwc_backward_input(dy: np.ndarray, w: np.ndarray, geom: ConvGeometry) -> n
         return depthwise.forward_channels_last(dy, flip_weight(w), adjoint)
     route, own_threads = _input_gradient_route(geom, dy.dtype)
     if route == depthwinograd.NAME:
-        finite = _all_finite(dy) and _all_finite(w)
-        algorithm = depthwinograd if finite else hwunfold  # (FINITE_ONLY)
+        algorithm = _finite_or(depthwinograd, hwunfold, dy, w)
         return algorithm.backward_input(dy, w, geom, channels_last=True)
     if route == hwunfold.NAME:
         with _blas.own_threads() if own_threads else contextlib.nullcontext():
