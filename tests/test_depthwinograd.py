@@ -170,6 +170,23 @@ def test_weight_gradient_groups_accumulate_their_tiles(partials, monkeypatch):
     np.testing.assert_allclose(depthwinograd.backward_weight(x, dy, geom), ref, rtol=0, atol=1e-10)
 
 
+def test_non_finite_ndhwc_data_goes_to_the_unfolding():
+    """The NDHWC forward and input gradient check for Inf/NaN too (the engine's
+    channels-last entry points)."""
+    geom = _stem(8)
+    assert engine._native_layout(geom, np.dtype(np.float32)) == depthwinograd.NAME
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal(geom.w_shape).astype(np.float32)
+    x = rng.standard_normal((geom.N, *geom.spatial_in, geom.C)).astype(np.float32)
+    dy = rng.standard_normal((geom.N, *geom.spatial_out, geom.O)).astype(np.float32)
+    x[0, 3, 10, 10, 1] = dy[0, 2, 5, 5, 3] = np.inf
+    y = engine.ndhwc_forward(x, w, geom)
+    np.testing.assert_array_equal(y, hwunfold.forward(x, w[0], geom, channels_last=True))
+    dx = engine.ndhwc_backward_input(dy, w, geom)
+    np.testing.assert_array_equal(dx, hwunfold.backward_input(dy, w[0], geom, channels_last=True))
+    assert np.isinf(y).any() and np.isinf(dx).any()
+
+
 def test_non_finite_weight_gradient_is_recomputed_exactly():
     """An Inf in ``x`` makes the transform's ``dw`` non-finite; it is computed again by
     the unfolding, whose IEEE propagation is exact."""
